@@ -1,0 +1,31 @@
+"""The exceptions ep-ds-shim raises. Every message says what was found, what was expected and what to do."""
+
+from __future__ import annotations
+
+
+class EpShimError(RuntimeError):
+    """Base class of every error this library raises on purpose."""
+
+
+class UnsupportedReleaseError(EpShimError):
+    """The installed transformers or DeepSpeed release is outside what this library has verified."""
+
+
+class TargetDriftError(EpShimError):
+    """A function the shim would patch no longer has the shape it was verified against; nothing was patched."""
+
+
+class EPRequestError(EpShimError, ValueError):
+    """An expert-parallel load was asked for with arguments that cannot work (raised before any collective)."""
+
+
+class DeepSpeedGroupsError(EpShimError):
+    """DeepSpeed was set up with data-parallel groups that mix ranks holding different experts."""
+
+
+class ExpertIntegrityError(EpShimError):
+    """A rank's expert shards no longer hold what it loaded (e.g. overwritten by a broadcast from rank 0)."""
+
+
+class RestoreError(EpShimError):
+    """Leaving the block found a patched attribute replaced by someone else, so it could not be restored exactly."""
