@@ -16,7 +16,7 @@ from ._releases import Family, allow_unverified_from_env, family_for
 from ._targets import Patch, ShapeReport, Target, check_shape, install, underlying_function
 from .errors import TargetDriftError
 from .gates import Gate, all_gates, wrap_gate
-from .gates import zero3_question
+from .gates import ep_mesh, zero3_question
 
 
 @dataclass
@@ -29,11 +29,14 @@ class Plan:
     gates: list[tuple[Gate, ShapeReport]]
     question_namespaces: list[str]
     question_problems: list[str] = field(default_factory=list)
+    mesh: tuple[Gate, ShapeReport] | None = None
 
     @property
     def problems(self) -> list[str]:
         found = [] if self.entry.ok else [self.entry.problem]
         found += [report.problem for _, report in self.gates if not report.ok]
+        if self.mesh is not None and not self.mesh[1].ok:
+            found.append(self.mesh[1].problem)
         return found + self.question_problems
 
     @property
@@ -83,7 +86,10 @@ def make_plan(*, allow_unverified: bool = False) -> Plan:
             )
             continue
         namespaces.append(module_name)
-    return Plan(version, family, entry, gates, namespaces, problems)
+    mesh = None
+    if family.dp_x_ep == "replicate_dim":
+        mesh = (ep_mesh.GATE, check_shape(ep_mesh.GATE.target, is_gate=False))
+    return Plan(version, family, entry, gates, namespaces, problems, mesh)
 
 
 class _Installation:
@@ -140,6 +146,10 @@ class _Installation:
                 owner = gate.target.resolve_owner()
                 original = vars(owner)[gate.target.name]
                 installed.append(install(owner, gate.target.name, wrap_gate(gate, original)))
+            if plan.mesh is not None:
+                owner = plan.mesh[0].target.resolve_owner()
+                original = vars(owner)[plan.mesh[0].target.name]
+                installed.append(install(owner, plan.mesh[0].target.name, ep_mesh.wrap_mesh(original)))
             owner = _load.ENTRY.resolve_owner()
             original = vars(owner)[_load.ENTRY.name]
             installed.append(install(owner, _load.ENTRY.name, _load.wrap_entry(original, plan.family)))
@@ -166,4 +176,4 @@ INSTALLATION = _Installation()
 
 def targets() -> list[Target]:
     """Every attribute the shim may replace (for tests and the doctor)."""
-    return [_load.ENTRY, *(gate.target for gate in all_gates())]
+    return [_load.ENTRY, *(gate.target for gate in all_gates()), ep_mesh.GATE.target]

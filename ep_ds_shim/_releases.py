@@ -37,6 +37,9 @@ class Family:
     spelling: str
     dtensor_experts: bool
     notes: str = ""
+    # How a DP x EP load (world > ep) reaches the EP sub-group: "device_mesh" (the release honours the
+    # device_mesh= argument) or "replicate_dim" (gates/ep_mesh.py sizes the release's own mesh); None: refused.
+    dp_x_ep: str | None = None
 
 
 FAMILIES = (
@@ -55,6 +58,7 @@ FAMILIES = (
     Family(
         "5.23+", SpecifierSet(">=5.23.0"), "ep_size", True,
         "ep_size=N with tp_size=N; the legacy flag alone means ep_size=1 (FutureWarning).",
+        dp_x_ep="replicate_dim",
     ),
 )
 
