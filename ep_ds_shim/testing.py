@@ -87,6 +87,10 @@ def build_tiny_moe(path: str | os.PathLike, model_type: str = "qwen3_moe", *, se
     if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
         return path
 
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        raise RuntimeError("build the tiny checkpoint before ZeRO-3 is signalled (an HfDeepSpeedConfig is alive)")
     config = AutoConfig.for_model(model_type, **tiny_config_kwargs(model_type, **sizes))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

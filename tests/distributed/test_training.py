@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from ..conftest import REPO
 
 EXAMPLE = REPO / "examples" / "train_ep_zero3.py"
 GUARD = Path(__file__).with_name("worker_guard.py")

@@ -1,0 +1,96 @@
+"""Bad EP requests are refused with a clear error before any collective (real from_pretrained, one process)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import ep_ds_shim
+from ep_ds_shim.errors import EPRequestError
+
+
+@contextlib.contextmanager
+def zero3_signalled():
+    """ZeRO-3 signalled the way accelerate / Trainer do it: a live HfDeepSpeedConfig."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    config = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
+    try:
+        yield config
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def ep2_config():
+    """A DistributedConfig asking for EP over 2 ranks on the installed release, built without a mesh."""
+    import transformers
+    from transformers.distributed import DistributedConfig
+
+    from ep_ds_shim._releases import family_for
+
+    family = family_for(transformers.__version__)
+    if family.spelling == "ep_size":
+        return {"distributed_config": DistributedConfig(ep_size=2, tp_size=2, tp_plan={"lm_head": "replicate"})}
+    if family.spelling == "enable_expert_parallel+tp_size":
+        return {"distributed_config": DistributedConfig(enable_expert_parallel=True, tp_size=2)}
+    return {"distributed_config": DistributedConfig(enable_expert_parallel=True), "tp_size": 2}
+
+
+@pytest.fixture
+def single_rank_group(monkeypatch):
+    """A real one-process gloo group that reports a world of 2: validation must refuse before any collective,
+    so no peer is ever needed."""
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    yield
+    monkeypatch.undo()
+    dist.destroy_process_group()
+
+
+def test_ep_without_process_group(tiny_checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_checkpoint("qwen3_moe")
+    assert not dist.is_initialized()
+    with zero3_signalled(), ep_ds_shim.ep_zero3_compat():
+        with pytest.raises(EPRequestError, match="no initialised process group"):
+            AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **ep2_config())
+
+
+def test_experts_not_divisible(tiny_checkpoint, single_rank_group):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_checkpoint("qwen3_moe", num_experts=3)
+    with zero3_signalled(), ep_ds_shim.ep_zero3_compat():
+        with pytest.raises(EPRequestError, match="3 experts.*ep_size=2"):
+            AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **ep2_config())
+
+
+def test_model_without_ep_plan(tmp_path, single_rank_group):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with zero3_signalled(), ep_ds_shim.ep_zero3_compat():
+        with pytest.raises(EPRequestError, match="no expert-parallel plan"):
+            AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, **ep2_config())
+
+
+def test_outside_zero3_the_block_does_not_interfere(tiny_checkpoint):
+    """No ZeRO-3 signalled: a plain load inside the block is the plain load."""
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_checkpoint("qwen3_moe")
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with ep_ds_shim.ep_zero3_compat():
+        inside = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert "_ep_ds_shim" not in inside.__dict__
+    for (name, a), (_, b) in zip(plain.named_parameters(), inside.named_parameters()):
+        assert torch.equal(a, b), name
