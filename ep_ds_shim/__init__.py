@@ -17,6 +17,7 @@ from .errors import (
     TargetDriftError,
     UnsupportedReleaseError,
 )
+from .deepspeed_groups import supply_deepspeed_groups
 from .layout import DPxEPGroups, DPxEPLayout
 from .spelling import ep_from_pretrained_kwargs
 from .zero3 import check_deepspeed_groups, initialize, verify_expert_integrity
@@ -39,5 +40,6 @@ __all__ = [
     "ep_from_pretrained_kwargs",
     "ep_zero3_compat",
     "initialize",
+    "supply_deepspeed_groups",
     "verify_expert_integrity",
 ]

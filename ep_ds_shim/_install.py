@@ -16,7 +16,7 @@ from ._releases import Family, allow_unverified_from_env, family_for
 from ._targets import Patch, ShapeReport, Target, check_shape, install, underlying_function
 from .errors import TargetDriftError
 from .gates import Gate, all_gates, wrap_gate
-from .gates import ep_mesh, zero3_question
+from .gates import ep_mesh, legacy_ep_flag, zero3_question
 
 
 @dataclass
@@ -30,6 +30,7 @@ class Plan:
     question_namespaces: list[str]
     question_problems: list[str] = field(default_factory=list)
     mesh: tuple[Gate, ShapeReport] | None = None
+    legacy_flag: ShapeReport | None = None
 
     @property
     def problems(self) -> list[str]:
@@ -37,6 +38,8 @@ class Plan:
         found += [report.problem for _, report in self.gates if not report.ok]
         if self.mesh is not None and not self.mesh[1].ok:
             found.append(self.mesh[1].problem)
+        if self.legacy_flag is not None and not self.legacy_flag.ok:
+            found.append(self.legacy_flag.problem)
         return found + self.question_problems
 
     @property
@@ -89,20 +92,24 @@ def make_plan(*, allow_unverified: bool = False) -> Plan:
     mesh = None
     if family.dp_x_ep == "replicate_dim":
         mesh = (ep_mesh.GATE, check_shape(ep_mesh.GATE.target, is_gate=False))
-    return Plan(version, family, entry, gates, namespaces, problems, mesh)
+    legacy = check_shape(legacy_ep_flag.TARGET, is_gate=False) if family.legacy_flag_silently_off else None
+    return Plan(version, family, entry, gates, namespaces, problems, mesh, legacy)
 
 
 class _Installation:
-    def __init__(self):
+    """Reference-counted install of one set of wrappers: the first user installs, the last one restores."""
+
+    def __init__(self, installer=None):
         self.lock = threading.Lock()
         self.users = 0
         self.patches: list[Patch] = []
         self.retired_logged = False
+        self.installer = installer or self._install
 
-    def acquire(self, *, allow_unverified: bool) -> None:
+    def acquire(self, **options) -> None:
         with self.lock:
             if self.users == 0:
-                self.patches = self._install(allow_unverified)
+                self.patches = self.installer(**options)
             self.users += 1
 
     def release(self) -> None:
@@ -150,6 +157,10 @@ class _Installation:
                 owner = plan.mesh[0].target.resolve_owner()
                 original = vars(owner)[plan.mesh[0].target.name]
                 installed.append(install(owner, plan.mesh[0].target.name, ep_mesh.wrap_mesh(original)))
+            if plan.legacy_flag is not None:
+                owner = legacy_ep_flag.TARGET.resolve_owner()
+                original = vars(owner)[legacy_ep_flag.TARGET.name]
+                installed.append(install(owner, legacy_ep_flag.TARGET.name, legacy_ep_flag.wrap_post_init(original)))
             owner = _load.ENTRY.resolve_owner()
             original = vars(owner)[_load.ENTRY.name]
             installed.append(install(owner, _load.ENTRY.name, _load.wrap_entry(original, plan.family)))
@@ -176,4 +187,4 @@ INSTALLATION = _Installation()
 
 def targets() -> list[Target]:
     """Every attribute the shim may replace (for tests and the doctor)."""
-    return [_load.ENTRY, *(gate.target for gate in all_gates()), ep_mesh.GATE.target]
+    return [_load.ENTRY, *(gate.target for gate in all_gates()), ep_mesh.GATE.target, legacy_ep_flag.TARGET]

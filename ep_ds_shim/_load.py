@@ -18,6 +18,7 @@ from ._releases import Family
 from ._state import LoadRecord, block_active, loading
 from ._targets import Target
 from .errors import EPRequestError, EpShimError
+from .gates import legacy_ep_flag
 
 ENTRY = Target(
     "transformers.modeling_utils:PreTrainedModel",
@@ -135,6 +136,11 @@ def _entry_wrapper(family: Family):
     def from_pretrained(wrapped, cls, args, kwargs):
         ep_size = requested_ep_size(family, kwargs)
         record = LoadRecord(cls.__name__, ep_size, zero3_signalled())
+        requested = _normalised_distributed_config(kwargs.get("distributed_config"))
+        if ep_size is None and legacy_ep_flag.legacy_flag_without_ep(requested):
+            if record.zero3:
+                raise EPRequestError(legacy_ep_flag.message("is refused under ZeRO-3"))
+            warnings.warn(legacy_ep_flag.message("loads WITHOUT expert parallelism"), UserWarning, stacklevel=3)
         if record.acts:
             validate_request(cls, args, kwargs, ep_size)
         with loading(record):

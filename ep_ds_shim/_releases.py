@@ -40,6 +40,8 @@ class Family:
     # How a DP x EP load (world > ep) reaches the EP sub-group: "device_mesh" (the release honours the
     # device_mesh= argument) or "replicate_dim" (gates/ep_mesh.py sizes the release's own mesh); None: refused.
     dp_x_ep: str | None = None
+    # DistributedConfig(enable_expert_parallel=True) alone resolves to ep_size=1 (EP silently off).
+    legacy_flag_silently_off: bool = False
 
 
 FAMILIES = (
@@ -54,11 +56,13 @@ FAMILIES = (
     Family(
         "5.19-5.22", SpecifierSet(">=5.19.0,<5.23"), "enable_expert_parallel+tp_size", True,
         "ep_size and a mesh manager appear; the flag alone silently leaves EP off.",
+        legacy_flag_silently_off=True,
     ),
     Family(
         "5.23+", SpecifierSet(">=5.23.0"), "ep_size", True,
         "ep_size=N with tp_size=N; the legacy flag alone means ep_size=1 (FutureWarning).",
         dp_x_ep="replicate_dim",
+        legacy_flag_silently_off=True,
     ),
 )
 

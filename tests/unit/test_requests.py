@@ -94,3 +94,43 @@ def test_outside_zero3_the_block_does_not_interfere(tiny_checkpoint):
     assert "_ep_ds_shim" not in inside.__dict__
     for (name, a), (_, b) in zip(plain.named_parameters(), inside.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def _legacy_release():
+    import transformers
+
+    from ep_ds_shim._releases import family_for
+
+    return family_for(transformers.__version__).legacy_flag_silently_off
+
+
+@pytest.mark.skipif(not _legacy_release(), reason="the legacy flag does not turn EP off silently on this release")
+def test_legacy_flag_that_turns_ep_off_is_refused_under_zero3(tiny_checkpoint, single_rank_group):
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    path = tiny_checkpoint("qwen3_moe")
+    with zero3_signalled(), ep_ds_shim.ep_zero3_compat():
+        with pytest.raises(EPRequestError, match="enable_expert_parallel=True.*refused under ZeRO-3"):
+            AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32, distributed_config=DistributedConfig(enable_expert_parallel=True)
+            )
+        with pytest.raises(EPRequestError, match="refused under ZeRO-3"):  # the dict spelling too
+            AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32, distributed_config={"enable_expert_parallel": True}
+            )
+
+
+@pytest.mark.skipif(not _legacy_release(), reason="the legacy flag does not turn EP off silently on this release")
+def test_legacy_flag_without_zero3_warns_and_loads_as_upstream(tiny_checkpoint, single_rank_group):
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    path = tiny_checkpoint("qwen3_moe")
+    with ep_ds_shim.ep_zero3_compat():
+        with pytest.warns(UserWarning, match="loads WITHOUT expert parallelism"):
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32, distributed_config=DistributedConfig(enable_expert_parallel=True)
+            )
+    experts = [p for n, p in model.named_parameters() if "experts" in n.split(".")]
+    assert experts and all(p.shape[0] == 4 for p in experts)  # every expert on the rank: EP was off
