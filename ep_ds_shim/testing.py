@@ -7,6 +7,7 @@ the checkpoint is always in the format that release loads.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -77,16 +78,25 @@ def build_tiny_moe(path: str | os.PathLike, model_type: str = "qwen3_moe", *, se
     The checkpoint is rebuilt when the transformers release, family or sizes differ from what `path` holds,
     so a cache directory can be shared across releases safely.
     """
-    import torch
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     stamp = {"transformers": transformers.__version__, "model_type": model_type, "seed": seed, **sizes}
     stamp_file = path / "ep_ds_shim_stamp.json"
-    if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
-        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Every rank of a launcher may call this at once: the first builds, the others wait and reuse it.
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
+            return path
+        _build(path, model_type, seed, sizes)
+        stamp_file.write_text(json.dumps(stamp))
+    return path
 
+
+def _build(path: Path, model_type: str, seed: int, sizes: dict) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     if is_deepspeed_zero3_enabled():
@@ -105,8 +115,6 @@ def build_tiny_moe(path: str | os.PathLike, model_type: str = "qwen3_moe", *, se
                 param.copy_(0.2 * torch.randn(param.shape, generator=generator))
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
-    stamp_file.write_text(json.dumps(stamp))
-    return path
 
 
 # --- The correctness oracle (DESIGN §6) -----------------------------------------------------------------
@@ -148,6 +156,7 @@ def reference_step(path, batches, *, clip: float = 1.0, optimizer=OPTIMIZER):
     loss.backward()
     # Gradients as DeepSpeed reports them after backward (before the step clips them).
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()])))
     if clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     torch.optim.AdamW(model.parameters(), **optimizer).step()
@@ -155,6 +164,7 @@ def reference_step(path, batches, *, clip: float = 1.0, optimizer=OPTIMIZER):
         "logits": [o.logits.detach() for o in outputs],
         "loss": [o.loss.item() for o in outputs],
         "grads": grads,
+        "grad_norm": grad_norm,
         "params": {name: p.detach().clone() for name, p in model.named_parameters()},
     }
 
@@ -174,3 +184,27 @@ def max_abs_diffs(local: dict, reference: dict, ep_rank: int) -> dict[str, float
         ref = expert_slice(reference[name], value.shape, ep_rank)
         out[name] = float((value.float() - ref.float()).abs().max()) if value.numel() else 0.0
     return out
+
+
+def compare_step(engine, layout, ref, *, logits, loss, grads=None, tolerance: float = 1e-5) -> dict:
+    """Compare one DeepSpeed step of this rank with the single-process `ref` (from `reference_step`).
+
+    Call after `engine.step()`: reads every weight (DeepSpeed's fp32 master copy) and the global gradient norm
+    DeepSpeed computed for clipping. `grads`, if given, are this rank's full gradients read before the step.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
+    result = {
+        "loss": abs(float(loss) - ref["loss"][layout.dp_rank]),
+        "logits": float((logits.detach().float() - ref["logits"][layout.dp_rank]).abs().max()),
+        "params": max(max_abs_diffs(params, ref["params"], layout.ep_rank).values()),
+    }
+    norm = engine.get_global_grad_norm()
+    if norm is not None:
+        result["grad_norm"] = abs(float(norm) - ref["grad_norm"])
+    if grads is not None:
+        result["grads"] = max(max_abs_diffs(grads, ref["grads"], layout.ep_rank).values())
+    result["ok"] = all(value <= tolerance * (1 if key != "grad_norm" else max(1.0, ref["grad_norm"]))
+                       for key, value in result.items())
+    return result

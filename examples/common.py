@@ -1,0 +1,76 @@
+"""What the example scripts share: arguments, the tiny checkpoint, the single-process oracle, the report.
+
+Not part of the library: the examples are the recipes, this file only keeps them short.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+
+def parse_args(argv=None, description: str = ""):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model-dir", help="checkpoint directory (default: build a tiny MoE under build/examples)")
+    parser.add_argument("--family", default="qwen3_moe", help="MoE family of the tiny checkpoint")
+    parser.add_argument("--ep-size", type=int, default=None, help="expert-parallel size (default: world size)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--no-reference", action="store_true", help="skip the single-process comparison")
+    parser.add_argument("--tolerance", type=float, default=1e-5)
+    parser.add_argument("--json", help="write this rank's results to JSON (path may contain {rank})")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", args.device)
+    return args
+
+
+def world_and_dp(args) -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world, world // (args.ep_size or world)
+
+
+def reference_and_checkpoint(args):
+    """The checkpoint path, every data-parallel replica's batch, and the single-process reference step.
+
+    Runs before ZeRO-3 is signalled, so the reference is a plain model. Every rank computes it (no collective).
+    """
+    from ep_ds_shim import testing
+
+    path = args.model_dir or testing.build_tiny_moe(os.path.join("build", "examples", f"tiny-{args.family}"), args.family)
+    with open(os.path.join(path, "config.json")) as handle:
+        vocab_size = json.load(handle)["vocab_size"]
+    _, dp_size = world_and_dp(args)
+    batches = [testing.batch_for(d, vocab_size=vocab_size) for d in range(dp_size)]
+    reference = None if args.no_reference else testing.reference_step(path, batches)
+    return str(path), batches, reference
+
+
+def finish(args, layout, engine, reference, out, *, launcher: str, grads=None) -> int:
+    """Print (and optionally write) this rank's comparison with the reference; 0 when it matches."""
+    import torch.distributed as dist
+
+    from ep_ds_shim import testing
+
+    expert_shapes = {n: tuple(p.shape) for n, p in engine.module.named_parameters() if "experts" in n.split(".")}
+    first = next(iter(expert_shapes))
+    rank = dist.get_rank()
+    print(f"[rank {rank}] {launcher}: {layout}: {len(expert_shapes)} expert tensors, e.g. {first} {expert_shapes[first]}")
+    results = {"rank": rank, "launcher": launcher, "layout": repr(layout), "loss_value": float(out.loss),
+               "expert_shapes": expert_shapes}
+    if reference is not None:
+        results.update(testing.compare_step(engine, layout, reference, logits=out.logits, loss=out.loss, grads=grads,
+                                            tolerance=args.tolerance))
+        parts = [f"max|dlogits|={results['logits']:.2e}", f"|dloss|={results['loss']:.2e}"]
+        if "grads" in results:
+            parts.append(f"max|dgrad|={results['grads']:.2e}")
+        if "grad_norm" in results:
+            parts.append(f"|dgrad_norm|={results['grad_norm']:.2e}")
+        parts.append(f"max|dparam after AdamW step|={results['params']:.2e}")
+        print(f"[rank {rank}] vs single-process reference: {' '.join(parts)} -> {'MATCH' if results['ok'] else 'MISMATCH'}")
+    if args.json:
+        with open(args.json.format(rank=rank), "w") as handle:
+            json.dump(results, handle, indent=1, default=str)
+    dist.barrier()
+    return 0 if results.get("ok", True) else 1

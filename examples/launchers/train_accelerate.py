@@ -1,0 +1,58 @@
+"""EP + DeepSpeed ZeRO-3 through `accelerate launch` and `Accelerator.prepare`.
+
+    accelerate launch --config_file examples/launchers/accelerate_zero3.yaml examples/launchers/train_accelerate.py
+    (GPUs: a config without use_cpu, and --device cuda)
+
+`Accelerator()` signals ZeRO-3 (it creates the HfDeepSpeedConfig). `prepare()` calls `deepspeed.initialize`
+itself, with no way to pass an `mpu`, so it runs inside `ep_ds_shim.supply_deepspeed_groups(layout)`. Batches:
+the DataLoader is *not* given to `prepare()` (accelerate would shard it over all ranks, but the ranks of an EP
+group must see the same batch); `layout.sampler(...)` shards it over data-parallel replicas instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import finish, parse_args, reference_and_checkpoint  # noqa: E402
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    path, batches, ref = reference_and_checkpoint(args)  # before Accelerator(): a plain single-process model
+
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    import ep_ds_shim
+    from ep_ds_shim import testing
+
+    accelerator = Accelerator()
+    assert is_deepspeed_zero3_enabled(), "the accelerate config must select DeepSpeed ZeRO-3"
+    import torch.distributed as dist
+
+    # (accelerate reports num_processes=1 for DeepSpeed on CPU; the process group knows the real world size)
+    layout = ep_ds_shim.DPxEPLayout(args.ep_size or dist.get_world_size())
+    with ep_ds_shim.ep_zero3_compat():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **layout.from_pretrained_kwargs(path))
+    optimizer = torch.optim.AdamW(model.parameters(), **testing.OPTIMIZER)
+    # No DataLoader goes through prepare(), so tell DeepSpeed the per-rank micro batch (accelerate's documented way).
+    accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batches[0].shape[0]
+    with ep_ds_shim.supply_deepspeed_groups(layout):
+        model, optimizer = accelerator.prepare(model, optimizer)
+
+    model.train()
+    batch = batches[layout.dp_rank]
+    out = model(input_ids=batch, labels=batch)
+    accelerator.backward(out.loss)  # under DeepSpeed this also runs engine.step()
+    optimizer.step()
+    optimizer.zero_grad()
+    return finish(args, layout, model, ref, out, launcher="accelerate")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
