@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 
 from ._install import INSTALLATION
-from ._state import block_depth
+from contextvars import ContextVar
+
+from ._state import block_depth, translating_legacy_spelling
 
 
 class ep_zero3_compat(contextlib.ContextDecorator):  # noqa: N801 - reads like the function users call
@@ -19,19 +21,33 @@ class ep_zero3_compat(contextlib.ContextDecorator):  # noqa: N801 - reads like t
     Args:
         allow_unverified: accept a transformers release newer than the last verified one (the shape checks
             still run and refuse on drift). Same as setting ``EP_DS_SHIM_ALLOW_UNVERIFIED=1``.
+        translate_legacy_spelling: load ``DistributedConfig(enable_expert_parallel=True)`` (+ ``device_mesh``)
+            as EP over that mesh on releases where that spelling would silently turn EP off, instead of refusing
+            it. Off by default; ``python -m ep_ds_shim.run`` turns it on for unmodified scripts.
     """
 
-    def __init__(self, *, allow_unverified: bool = False):
-        if not isinstance(allow_unverified, bool):
-            raise TypeError(f"allow_unverified must be a bool, got {type(allow_unverified).__name__}")
+    def __init__(self, *, allow_unverified: bool = False, translate_legacy_spelling: bool = False):
+        for name, value in (("allow_unverified", allow_unverified), ("translate_legacy_spelling", translate_legacy_spelling)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
         self.allow_unverified = allow_unverified
+        self.translate_legacy_spelling = translate_legacy_spelling
 
     def __enter__(self):
         INSTALLATION.acquire(allow_unverified=self.allow_unverified)
         block_depth.set(block_depth.get() + 1)
+        # Innermost block decides; the previous value is restored on exit (kept on a per-context stack).
+        _translate_stack.set((*_translate_stack.get(), translating_legacy_spelling.get()))
+        translating_legacy_spelling.set(self.translate_legacy_spelling)
         return self
 
     def __exit__(self, exc_type, exc, traceback):
+        *rest, previous = _translate_stack.get()
+        _translate_stack.set(tuple(rest))
+        translating_legacy_spelling.set(previous)
         block_depth.set(block_depth.get() - 1)
         INSTALLATION.release()
         return False
+
+
+_translate_stack: ContextVar[tuple] = ContextVar("ep_ds_shim_translate_stack", default=())

@@ -15,7 +15,7 @@ import wrapt
 
 from . import experts as _experts
 from ._releases import Family
-from ._state import LoadRecord, block_active, loading
+from ._state import LoadRecord, block_active, loading, translating_legacy_spelling
 from ._targets import Target
 from .errors import EPRequestError, EpShimError
 from .gates import legacy_ep_flag
@@ -134,6 +134,8 @@ def validate_request(cls, args, kwargs, ep_size: int) -> None:
 
 def _entry_wrapper(family: Family):
     def from_pretrained(wrapped, cls, args, kwargs):
+        if translating_legacy_spelling.get():
+            kwargs = _translated_legacy_spelling(cls, args, kwargs)
         ep_size = requested_ep_size(family, kwargs)
         record = LoadRecord(cls.__name__, ep_size, zero3_signalled())
         requested = _normalised_distributed_config(kwargs.get("distributed_config"))
@@ -157,6 +159,30 @@ def _entry_wrapper(family: Family):
         return result
 
     return from_pretrained
+
+
+def _translated_legacy_spelling(cls, args, kwargs) -> dict:
+    """`DistributedConfig(enable_expert_parallel=True)` (+ `device_mesh`) rewritten to this release's EP spelling,
+    when this release would otherwise silently load without EP. Other calls are returned unchanged."""
+    requested = _normalised_distributed_config(kwargs.get("distributed_config"))
+    if not legacy_ep_flag.legacy_flag_without_ep(requested):
+        return kwargs
+    mesh = kwargs.get("device_mesh")
+    ep_size = mesh.size() if mesh is not None else _world_size()
+    if not ep_size or ep_size < 2:
+        return kwargs
+    from .spelling import ep_from_pretrained_kwargs
+
+    config = kwargs.get("config")
+    model_ref = config if config is not None and not isinstance(config, (str, os.PathLike)) else (
+        args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+    translated = {k: v for k, v in kwargs.items() if k not in ("distributed_config", "device_mesh", "tp_size", "tp_plan")}
+    translated.update(ep_from_pretrained_kwargs(model_ref, ep_size, model_class=cls))
+    logger().warning(
+        f"ep_ds_shim: translated DistributedConfig(enable_expert_parallel=True) to this release's EP spelling "
+        f"(ep_size={ep_size}), which would otherwise load {cls.__name__} without expert parallelism."
+    )
+    return translated
 
 
 def wrap_entry(original, family: Family):

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 # How many ep_zero3_compat blocks enclose the current thread/task.
 block_depth: ContextVar[int] = ContextVar("ep_ds_shim_block_depth", default=0)
 
+# Whether the enclosing block translates the legacy EP spelling (`ep_ds_shim.run` turns this on).
+translating_legacy_spelling: ContextVar[bool] = ContextVar("ep_ds_shim_translate_legacy", default=False)
+
 # Whether the ZeRO-3 question answers False right now (set only while a gated call of an EP load runs).
 hiding_zero3: ContextVar[bool] = ContextVar("ep_ds_shim_hiding_zero3", default=False)
 

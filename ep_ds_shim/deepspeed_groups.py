@@ -81,6 +81,9 @@ def _supply(wrapped, instance, args, kwargs):
     result = wrapped(*args, **kwargs)
     check_deepspeed_groups(result[0])
     verify_expert_integrity(result[0])
+    from ._load import logger
+
+    logger().info(f"ep_ds_shim: supplied the DP x EP groups to deepspeed.initialize ({layout})")
     return result
 
 

@@ -55,24 +55,37 @@ class RankRun:
 
 
 @pytest.fixture
-def run_ranks(tmp_path):
-    """Run `script args...` on `nproc` gloo ranks; each rank writes JSON to the path given by {json}."""
+def run_command(tmp_path):
+    """Run a launcher command line; `{json}` in it becomes a per-rank report path, `{port}` a free port.
+    Returns the exit status, the output and every rank's JSON report."""
 
-    def run(script: Path | str, *args: str, nproc: int = 2, timeout: int = 600) -> RankRun:
+    def run(argv, *, nproc: int, timeout: int = 900, env: dict | None = None) -> RankRun:
         report = tmp_path / f"report-{_free_port()}-{{rank}}.json"
-        argv = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script),
-            *[a.replace("{json}", str(report)) for a in args],
-        ]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-               "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-        proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        port = str(_free_port())
+        argv = [str(a).replace("{json}", str(report)).replace("{port}", port) for a in argv]
+        environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+                       "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+        proc = subprocess.run(argv, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
         reports = []
         for rank in range(nproc):
             path = Path(str(report).format(rank=rank))
             if path.exists():
                 reports.append(json.loads(path.read_text()))
         return RankRun(proc.returncode, proc.stdout + proc.stderr, reports)
+
+    return run
+
+
+def torchrun(nproc: int, *rest) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+            "--master_port={port}", *rest]
+
+
+@pytest.fixture
+def run_ranks(run_command):
+    """Run `script args...` on `nproc` gloo ranks with torchrun; each rank writes JSON to {json}."""
+
+    def run(script: Path | str, *args: str, nproc: int = 2, timeout: int = 900) -> RankRun:
+        return run_command(torchrun(nproc, str(script), *args), nproc=nproc, timeout=timeout)
 
     return run

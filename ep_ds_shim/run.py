@@ -1,0 +1,37 @@
+"""Zero-edit activation: run an unmodified script with the shim on.
+
+    torchrun --nproc_per_node 2 -m ep_ds_shim.run train.py --its --own --args
+    accelerate launch -m ep_ds_shim.run train.py ...        deepspeed --module ep_ds_shim.run train.py ...
+
+For the whole script: `ep_zero3_compat(translate_legacy_spelling=True)` (EP loads under ZeRO-3 take the standard
+path; `DistributedConfig(enable_expert_parallel=True)` + `device_mesh` means EP over that mesh on every supported
+release) and `supply_deepspeed_groups()` (`deepspeed.initialize` on such a model gets the DP x EP groups, data
+parallel over ranks holding the same experts). The script must feed every rank of an EP group the same batch,
+as transformers' EP requires; the integrity guard still checks the experts after `deepspeed.initialize`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ep_ds_shim.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--allow-unverified", action="store_true", help="accept a transformers release newer than the verified range")
+    parser.add_argument("script", help="the Python script to run")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
+    args = parser.parse_args(argv)
+
+    from . import ep_zero3_compat, supply_deepspeed_groups
+
+    sys.argv = [args.script, *args.script_args]
+    with ep_zero3_compat(allow_unverified=args.allow_unverified, translate_legacy_spelling=True), supply_deepspeed_groups():
+        runpy.run_path(args.script, run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
