@@ -1,0 +1,277 @@
+"""The support matrix: run every column of every row on real releases, and render the committed table.
+
+    python tools/matrix.py run [RELEASE ...]       # default: the last patch of every verified minor
+    python tools/matrix.py run 5.20.2 --wrapt 1.17.3 --deepspeed 0.19.0
+    python tools/matrix.py render                  # build/matrix/*.json -> ep_ds_shim/support_matrix.json,
+                                                   #                        docs/support-matrix.md
+    ./run.sh matrix 5.20.2                         # one release, then render
+
+`run` swaps transformers (and optionally wrapt / DeepSpeed) inside the current environment with
+`pip install --no-deps`, builds tiny checkpoints with that release, runs tools/matrix_worker.py over 2 gloo
+ranks, writes build/matrix/<row>.json, and puts the pinned versions back at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+OUT = REPO / "build" / "matrix"
+MATRIX_JSON = REPO / "ep_ds_shim" / "support_matrix.json"
+MATRIX_MD = REPO / "docs" / "support-matrix.md"
+
+# Oldest verified to newest published: the last patch of every minor (5.23 has one release so far).
+DEFAULT_RELEASES = [
+    "5.6.2", "5.7.0", "5.8.1", "5.9.0", "5.10.4", "5.11.0", "5.12.1", "5.13.1", "5.14.1", "5.15.1", "5.16.1",
+    "5.17.0", "5.18.0", "5.19.0", "5.20.2", "5.21.1", "5.22.2", "5.23.0",
+]
+# First two are always asked for; the third is the first of the rest with an EP plan in the release.
+FAMILIES = ["gpt_oss", "qwen3_moe"]
+THIRD_FAMILY = ["mixtral", "olmoe", "qwen2_moe", "deepseek_v3"]
+COLUMNS = ("shape_checks", "load_equals_ep_only", "forward", "gradients", "zero3_step")
+# Columns that run no ep-ds-shim code at all: a failure there is transformers' own.
+UPSTREAM_ONLY = ("forward", "gradients")
+
+PINNED = {"transformers": "5.23.0", "wrapt": "2.5.2", "deepspeed": "0.19.8"}
+
+
+def pip_install(spec: str, *, build: bool = False, deps: bool = False) -> None:
+    """Swap one distribution in place. transformers comes with its own dependencies (releases differ: httpx,
+    huggingface_hub majors); wrapt and DeepSpeed come alone so torch is never touched."""
+    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
+    command = [sys.executable, "-m", "pip", "install", "-q", *([] if deps else ["--no-deps"]), spec]
+    if build:  # DeepSpeed: an sdist built against the installed torch, no ops ahead of time
+        env["DS_BUILD_OPS"] = "0"
+        command.insert(-1, "--no-build-isolation")
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(f"pip install {spec} failed:\n{result.stdout}\n{result.stderr}")
+
+
+def installed(distribution: str) -> str:
+    out = subprocess.run([sys.executable, "-c", f"import importlib.metadata as m; print(m.version('{distribution}'))"],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def python(code: str) -> str:
+    env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+
+
+def families_with_plans(release: str) -> dict[str, bool]:
+    code = (
+        "import json, transformers\n"
+        "from transformers import AutoConfig\n"
+        "from ep_ds_shim.testing import tiny_config_kwargs\n"
+        "out = {}\n"
+        f"for fam in {FAMILIES + THIRD_FAMILY!r}:\n"
+        "    try:\n"
+        "        config = AutoConfig.for_model(fam, **tiny_config_kwargs(fam))\n"
+        "        out[fam] = bool(getattr(config, 'base_model_ep_plan', None))\n"
+        "    except Exception:\n"
+        "        out[fam] = False\n"
+        "print(json.dumps(out))\n"
+    )
+    return json.loads(python(code))
+
+
+def build_checkpoints(release: str, families: list[str]) -> dict[str, str]:
+    paths = {family: str(REPO / "build" / "ckpt" / release / family) for family in families}
+    code = "from ep_ds_shim.testing import build_tiny_moe\n" + "".join(
+        f"build_tiny_moe({path!r}, {family!r})\n" for family, path in paths.items()
+    )
+    python(code)
+    return paths
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_row(release: str, *, wrapt_version: str | None, deepspeed_version: str | None) -> dict:
+    pip_install(f"transformers=={release}", deps=True)
+    if wrapt_version:
+        pip_install(f"wrapt=={wrapt_version}")
+    if deepspeed_version:
+        pip_install(f"deepspeed=={deepspeed_version}", build=True)
+    versions = {name: installed(name) for name in ("transformers", "wrapt", "deepspeed", "torch", "accelerate")}
+    plans = families_with_plans(release)
+    chosen = [f for f in FAMILIES] + [next((f for f in THIRD_FAMILY if plans.get(f)), THIRD_FAMILY[0])]
+    with_plan = [f for f in chosen if plans.get(f)]
+    row = {"release": release, "versions": versions, "models": {}, "raw": {}}
+    for family in chosen:
+        if family not in with_plan:
+            row["models"][family] = {column: "n/a (no EP plan in this release)" for column in COLUMNS}
+    if with_plan:
+        paths = build_checkpoints(release, with_plan)
+        report = OUT / f"worker-{release}-{{rank}}.json"
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                   f"--master_port={free_port()}", str(REPO / "tools" / "matrix_worker.py"), str(report),
+                   *(f"{family}={path}" for family, path in paths.items())]
+        env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+        env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / "build" / "torch_extensions"))
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+        reports = []
+        for rank in range(2):
+            path = Path(str(report).format(rank=rank))
+            if path.exists():
+                reports.append(json.loads(path.read_text()))
+                path.unlink()
+        for family in with_plan:
+            per_rank = [r["families"].get(family, {}) for r in reports]
+            row["raw"][family] = per_rank
+            row["models"][family] = cells(per_rank, crashed=proc.returncode != 0 and len(reports) < 2)
+        if len(reports) < 2:
+            row["crash"] = (proc.stdout + proc.stderr)[-4000:]
+    row["notes"] = notes(row)
+    return row
+
+
+def cells(per_rank: list[dict], *, crashed: bool) -> dict[str, str]:
+    out = {}
+    for column in COLUMNS:
+        results = [rank.get(column) for rank in per_rank]
+        if crashed or not results or any(r is None for r in results):
+            out[column] = "not run (worker crashed)"
+        elif all(r.get("ok") for r in results):
+            out[column] = "pass"
+        elif column in UPSTREAM_ONLY:
+            out[column] = "fails upstream"
+        else:
+            out[column] = "fail"
+    # A shim column that fails only because EP itself is broken upstream says so.
+    if out.get("gradients") == "fails upstream" and out.get("zero3_step") == "fail":
+        out["zero3_step"] = "fails upstream"
+    if out.get("forward") == "fails upstream" and out.get("load_equals_ep_only") == "fail":
+        out["load_equals_ep_only"] = "fails upstream"
+    return out
+
+
+def notes(row: dict) -> list[str]:
+    found = []
+    for family, raw in row.get("raw", {}).items():
+        for column in COLUMNS:
+            for rank, results in enumerate(raw):
+                result = results.get(column, {})
+                if not result.get("ok"):
+                    detail = result.get("error") or {k: v for k, v in result.items() if k not in ("trace", "ok")}
+                    found.append(f"{family} {column} (rank {rank}): {str(detail)[:300]}")
+                    break
+    return found
+
+
+def restore_pins() -> None:
+    for name, version in PINNED.items():
+        if installed(name) != version:
+            pip_install(f"{name}=={version}", build=name == "deepspeed", deps=name == "transformers")
+
+
+def command_run(args) -> int:
+    OUT.mkdir(parents=True, exist_ok=True)
+    releases = args.releases or DEFAULT_RELEASES
+    failures = 0
+    try:
+        for release in releases:
+            started = datetime.datetime.now()
+            row = run_row(release, wrapt_version=args.wrapt, deepspeed_version=args.deepspeed)
+            name = release + (f"+wrapt{args.wrapt}" if args.wrapt else "") + (f"+deepspeed{args.deepspeed}" if args.deepspeed else "")
+            row["row"] = name
+            row["seconds"] = round((datetime.datetime.now() - started).total_seconds(), 1)
+            (OUT / f"{name}.json").write_text(json.dumps(row, indent=1))
+            summary = ", ".join(f"{m}: " + "/".join(c[0] if c == "pass" else c for c in cols.values())
+                                for m, cols in row["models"].items())
+            print(f"[matrix] {name} ({row['seconds']}s): {summary}", flush=True)
+            failures += sum(1 for cols in row["models"].values() for c in cols.values() if c in ("fail",) or c.startswith("not run"))
+    finally:
+        restore_pins()
+    return 1 if failures and args.strict else 0
+
+
+def command_render(args) -> int:
+    rows = {}
+    for path in sorted(OUT.glob("*.json")):
+        if path.name.startswith("worker-"):
+            continue
+        row = json.loads(path.read_text())
+        rows[row["row"]] = {k: v for k, v in row.items() if k != "raw"}
+    existing = json.loads(MATRIX_JSON.read_text()) if MATRIX_JSON.exists() else {"releases": {}, "rows": {}}
+    merged_rows = {**existing.get("rows", {}), **rows}
+    releases = {name: row for name, row in merged_rows.items() if name == row["release"]}
+    matrix = {
+        "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python tools/matrix.py run && python tools/matrix.py render",
+        "columns": list(COLUMNS),
+        "releases": releases,
+        "rows": merged_rows,
+    }
+    MATRIX_JSON.write_text(json.dumps(matrix, indent=1, sort_keys=True) + "\n")
+    MATRIX_MD.parent.mkdir(exist_ok=True)
+    MATRIX_MD.write_text(markdown(matrix))
+    print(f"rendered {len(merged_rows)} rows into {MATRIX_JSON.relative_to(REPO)} and {MATRIX_MD.relative_to(REPO)}")
+    return 0
+
+
+def _version_key(name: str):
+    base = name.split("+")[0]
+    return tuple(int(x) for x in base.split(".")), name
+
+
+def markdown(matrix: dict) -> str:
+    lines = [
+        "# Support matrix",
+        "",
+        "Generated by `tools/matrix.py` from real runs (2 gloo ranks, CPU, fp32, tolerance 1e-5); do not edit by hand.",
+        f"Last generated: {matrix['generated']}. Reproduce one row: `./run.sh matrix <release>`.",
+        "",
+        "Columns: **shape** the shim's checks of every patched target; **load = EP-only** an EP load under ZeRO-3 inside",
+        "the block equals the EP-only load weight for weight and in logits; **forward** EP-only logits equal the",
+        "single-process model; **gradients** EP-only loss and every gradient equal it (no DeepSpeed: transformers' own",
+        "EP); **ZeRO-3 step** `ep_ds_shim.initialize` + one step: logits, loss, gradients, gradient norm and weights",
+        "after AdamW equal it. *fails upstream* = transformers' EP is wrong there without this library.",
+        "",
+        "| row | model | shape | load = EP-only | forward | gradients | ZeRO-3 step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in sorted(matrix["rows"], key=_version_key):
+        row = matrix["rows"][name]
+        for model, cells_ in row["models"].items():
+            lines.append(f"| {name} | {model} | " + " | ".join(cells_.get(c, "") for c in COLUMNS) + " |")
+    lines += ["", "## Notes", ""]
+    for name in sorted(matrix["rows"], key=_version_key):
+        row = matrix["rows"][name]
+        versions = ", ".join(f"{k} {v}" for k, v in row.get("versions", {}).items())
+        lines.append(f"- **{name}** ({versions}; {row.get('seconds', '?')} s)")
+        for note in row.get("notes", []):
+            lines.append(f"  - {note}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run")
+    run.add_argument("releases", nargs="*")
+    run.add_argument("--wrapt", help="also swap wrapt to this version for these rows")
+    run.add_argument("--deepspeed", help="also swap DeepSpeed to this version for these rows")
+    run.add_argument("--strict", action="store_true", help="exit 1 if a shim column fails")
+    sub.add_parser("render")
+    args = parser.parse_args(argv)
+    return command_run(args) if args.command == "run" else command_render(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
