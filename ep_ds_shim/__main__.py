@@ -87,6 +87,10 @@ def diagnose() -> dict:
         report["problems"] += plan.problems
         if plan.partly_fixed:
             report["problems"].append("some gates already handle EP upstream and others do not (unverified)")
+    if transformers_version:
+        from ._releases import training_defect
+
+        report["training_refused"] = training_defect(transformers_version)
     try:
         check_deepspeed(report["versions"]["deepspeed"])
         report["deepspeed_supported"] = True
@@ -123,6 +127,8 @@ def _print_human(report: dict) -> None:
             out(f"    note: {note}\n")
     else:
         out("  verified by the matrix for this release: no row (not run by the matrix)\n")
+    if report.get("training_refused"):
+        out(f"  DeepSpeed training of EP models is refused on this release: {report['training_refused']}\n")
     if report.get("upstream_fixed"):
         out("  upstream already routes EP under ZeRO-3 through the standard path: the shim patches nothing\n")
     for gate in report.get("gates", []):

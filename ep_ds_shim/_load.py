@@ -97,7 +97,7 @@ def _load_config(cls, args, kwargs):
     return cls.config_class.from_pretrained(source, **download)
 
 
-def validate_request(cls, args, kwargs, ep_size: int) -> None:
+def validate_request(cls, args, kwargs, ep_size: int, family: Family | None = None) -> None:
     """Refuse, before any collective, an EP load that cannot work. Same answer on every rank, so no rank hangs."""
     import torch.distributed as dist
 
@@ -113,6 +113,13 @@ def validate_request(cls, args, kwargs, ep_size: int) -> None:
         raise EPRequestError(
             f"{name}: ep_size={ep_size} does not divide the world size {world}. Use an ep_size that divides it "
             "(world = data-parallel size x ep_size); ep_ds_shim.DPxEPLayout builds matching groups."
+        )
+    if world > ep_size and family is not None and family.dp_x_ep is None:
+        raise EPRequestError(
+            f"{name}: ep_size={ep_size} on a world of {world} (data parallel x expert parallel) is not supported on "
+            f"transformers {_transformers_version()}: this release builds its parallel mesh over the whole world and "
+            "the shim has no verified way to restrict it to one EP group. Use ep_size = world size here, or a "
+            "release listed with DP x EP support in docs/support-matrix.md."
         )
     config = _load_config(cls, args, kwargs)
     if config is None:
@@ -132,6 +139,12 @@ def validate_request(cls, args, kwargs, ep_size: int) -> None:
         )
 
 
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def _entry_wrapper(family: Family):
     def from_pretrained(wrapped, cls, args, kwargs):
         if translating_legacy_spelling.get():
@@ -144,14 +157,14 @@ def _entry_wrapper(family: Family):
                 raise EPRequestError(legacy_ep_flag.message("is refused under ZeRO-3"))
             warnings.warn(legacy_ep_flag.message("loads WITHOUT expert parallelism"), UserWarning, stacklevel=3)
         if record.acts:
-            validate_request(cls, args, kwargs, ep_size)
+            validate_request(cls, args, kwargs, ep_size, family)
         with loading(record):
             result = wrapped(*args, **kwargs)
         if record.acts:
             model = result[0] if isinstance(result, tuple) else result
             from .zero3 import adopt_ep_model
 
-            adopt_ep_model(model, ep_size)
+            adopt_ep_model(model, ep_size, family)
             logger().info(
                 f"ep_ds_shim: EP load of {record.model_class} (ep_size={ep_size}) under ZeRO-3 took the standard "
                 f"path at: {', '.join(record.gates_taken) or 'no gate'}"

@@ -17,7 +17,7 @@ from .errors import UnsupportedReleaseError
 
 # The transformers releases the matrix (docs/support-matrix.md) verified, oldest to newest. Keep in step with
 # pyproject.toml's dependency range and with the generated table; tests/unit/test_support_table.py checks it.
-VERIFIED_TRANSFORMERS = SpecifierSet(">=5.6.0,<5.24")
+VERIFIED_TRANSFORMERS = SpecifierSet(">=5.6.0,<5.24,!=5.19.*")
 VERIFIED_DEEPSPEED = SpecifierSet(">=0.19.0,<0.20")
 
 # Opting in to a transformers release newer than the last verified one. The shape checks still run.
@@ -42,20 +42,27 @@ class Family:
     dp_x_ep: str | None = None
     # DistributedConfig(enable_expert_parallel=True) alone resolves to ep_size=1 (EP silently off).
     legacy_flag_silently_off: bool = False
+    # The experts' EP hook all-reduces their output only while the expert weights are DTensors
+    # (`MoeExpertsParallel.transform_output_post_forward`); once they are local tensors for DeepSpeed, the shim
+    # attaches that same all-reduce to the experts module (zero3.py).
+    expert_output_reduce_needs_dtensors: bool = False
 
 
 FAMILIES = (
     Family(
         "5.6-5.14", SpecifierSet(">=5.6.0,<5.15"), "enable_expert_parallel+device_mesh", False,
         "EP via DistributedConfig(enable_expert_parallel=True) and device_mesh=; plain-tensor expert shards.",
+        dp_x_ep="device_mesh",
     ),
     Family(
         "5.15-5.18", SpecifierSet(">=5.15.0,<5.19"), "enable_expert_parallel+tp_size", True,
-        "DistributedMixin; the flag alone raises TypeError, tp_size=N is required.",
+        "DistributedMixin; the flag alone raises TypeError, tp_size=N is required; from 5.16 DTensor experts.",
+        expert_output_reduce_needs_dtensors=True,
     ),
     Family(
-        "5.19-5.22", SpecifierSet(">=5.19.0,<5.23"), "enable_expert_parallel+tp_size", True,
-        "ep_size and a mesh manager appear; the flag alone silently leaves EP off.",
+        "5.20-5.22", SpecifierSet(">=5.20.0,<5.23"), "enable_expert_parallel+tp_size", True,
+        "ep_size and a mesh manager; with tp_size=N the flag also empties the TP plan (dense layers stay whole); "
+        "the flag alone silently leaves EP off.",
         legacy_flag_silently_off=True,
     ),
     Family(
@@ -80,11 +87,59 @@ REFUSED = (
         "_move_missing_keys_from_meta_to_device; the shim's gates do not exist there",
     ),
     Refusal(
+        SpecifierSet("==5.19.*"),
+        "on this release EP cannot be asked for without tensor-parallel sharding of the dense layers (the flag "
+        "keeps the default TP plan and there is no 'replicate' style), and every ep_dispatch_experts load is "
+        "wrapped in FSDP2; DeepSpeed ZeRO-3 can own neither. 5.18 and 5.20+ work",
+    ),
+    Refusal(
         SpecifierSet(">=5.0,<5.6"),
         "expert parallelism is broken upstream in this release even without DeepSpeed: the loader is given "
         "model._tp_plan instead of the EP plan, so EP-only loads fail (KeyError) or leave experts unsharded",
     ),
 )
+
+
+@dataclass(frozen=True)
+class UpstreamDefect:
+    """A release range where transformers' own EP is wrong for training, with or without this library.
+
+    Loading (and inference) still works there and stays supported; DeepSpeed training of an EP model is refused
+    with this reason, because the shim can make ZeRO-3 correct but cannot make transformers' gradients correct.
+    Kept in step with the matrix (tests/unit/test_support_table.py).
+    """
+
+    releases: SpecifierSet
+    reason: str
+
+
+UPSTREAM_TRAINING_DEFECTS = (
+    UpstreamDefect(
+        SpecifierSet(">=5.6.0,<5.15"),
+        "transformers' expert-parallel backward is wrong on this release even without DeepSpeed: each rank's "
+        "gradients of the router and of every weight before the last MoE layer only see its own experts "
+        "(measured up to 0.48 on dense weights), and from 5.8 expert-bias gradients can hold uninitialised "
+        "memory; training would be silently wrong. Loading and inference are fine. Train on transformers "
+        ">=5.15 (see docs/support-matrix.md)",
+    ),
+)
+
+
+def training_defect(version: str) -> str | None:
+    """Why EP training is wrong upstream on `version`, or None."""
+    parsed = Version(version)
+    for defect in UPSTREAM_TRAINING_DEFECTS:
+        if parsed in defect.releases:
+            return defect.reason
+    return None
+
+
+def refuse_training_if_defective() -> None:
+    import transformers
+
+    reason = training_defect(transformers.__version__)
+    if reason is not None:
+        raise UnsupportedReleaseError(f"transformers {transformers.__version__}: {reason}.")
 
 
 def _support_hint() -> str:

@@ -73,6 +73,9 @@ def _supply(wrapped, instance, args, kwargs):
     info = getattr(model, "__dict__", {}).get(INFO_ATTR) if model is not None else None
     if info is None or kwargs.get("mpu") is not None or len(args) > 7:
         return wrapped(*args, **kwargs)
+    from ._releases import refuse_training_if_defective
+
+    refuse_training_if_defective()
     layout = _layout_for(info)
     kwargs = dict(kwargs, mpu=layout.mpu())
     for key in ("config", "config_params"):

@@ -92,9 +92,8 @@ def ep_from_pretrained_kwargs(model_ref, ep_size: int, *, layout=None, model_cla
         )
     else:  # pragma: no cover - a new family must add its spelling here
         raise NotImplementedError(f"no EP spelling for release family {family.name}")
-    if layout is not None and "device_mesh" not in kwargs:
-        # Releases that size their own mesh read the DP x EP layout from here (see gates/ep_mesh.py).
-        kwargs["device_mesh"] = layout.mesh
+    # world > ep on releases that build their own world-sized mesh: gates/ep_mesh.py sizes it inside the block
+    # (ranks [d*ep, (d+1)*ep) form replica d, the DPxEPLayout convention); releases without that are refused.
     return kwargs
 
 

@@ -68,7 +68,11 @@ def tiny_config_kwargs(
         kwargs.update(
             n_shared_experts=1, first_k_dense_replace=0, n_group=1, topk_group=1, q_lora_rank=None,
             kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, intermediate_size=expert_size,
+            head_dim=4,  # deepseek_v3's rotary size is qk_rope_head_dim
         )
+    if model_type == "llama4_text":
+        kwargs.update(intermediate_size_mlp=expert_size, interleave_moe_layer_step=1, attention_chunk_size=16,
+                      no_rope_layers=[1] * num_layers)
     return kwargs
 
 

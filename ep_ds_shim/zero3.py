@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from . import experts as _experts
+from ._releases import refuse_training_if_defective, training_defect
 from .errors import DeepSpeedGroupsError, EpShimError, ExpertIntegrityError
 
 INFO_ATTR = "_ep_ds_shim"
@@ -70,14 +71,16 @@ def _ep_ranks(model, expert_params) -> tuple[int, ...]:
     raise EpShimError(f"{type(model).__name__}: cannot find the expert-parallel mesh after the EP load")
 
 
-def _localise_dtensors(model) -> None:
+def _localise_dtensors(model) -> dict:
     """Replace DTensor parameters by plain Parameters holding this rank's local data.
 
     Expert shards (`Shard(0)` on the EP mesh) and replicated dense weights become local tensors; a dense weight
     that is *sharded* is tensor parallelism, which ZeRO-3 cannot partition correctly, so it is refused.
+    Returns the modules whose expert weights were sharded DTensors, with their mesh.
     """
     from torch.distributed.tensor import DTensor, Replicate
 
+    converted = {}
     for module_name, module in model.named_modules():
         for name, param in list(module._parameters.items()):
             if not isinstance(param, DTensor):
@@ -91,19 +94,39 @@ def _localise_dtensors(model) -> None:
                     "with expert parallelism only, dense layers must stay whole. Load with "
                     "ep_ds_shim.ep_from_pretrained_kwargs(...), which maps the TP plan to 'replicate'."
                 )
+            if not all(isinstance(p, Replicate) for p in param.placements):
+                converted[module] = param.device_mesh
             local = torch.nn.Parameter(param.to_local().detach(), requires_grad=param.requires_grad)
             local.__dict__.update({k: v for k, v in param.__dict__.items() if k.startswith("_is_hf")})
             module._parameters[name] = local
+    return converted
 
 
-def adopt_ep_model(model, ep_size: int) -> None:
+def _reduce_expert_outputs(converted: dict) -> None:
+    """On releases whose EP hook all-reduces the experts' output only while their weights are DTensors, attach
+    that reduction to each converted experts module, using the release's own autograd function."""
+    from transformers.distributed import tensor_parallel
+
+    reduce = tensor_parallel._AllReduceForward
+    for module, mesh in converted.items():
+        group = mesh.get_group()
+
+        def all_reduce_output(module, args, output, group=group):
+            return reduce.apply(output, group)
+
+        module.register_forward_hook(all_reduce_output)
+
+
+def adopt_ep_model(model, ep_size: int, family) -> None:
     """Called at the end of an EP load under ZeRO-3 (inside the block)."""
     from ._load import check_loaded_model
 
     check_loaded_model(model, ep_size)
     expert_params = _experts.expert_parameters(model)
     ep_ranks = _ep_ranks(model, expert_params)
-    _localise_dtensors(model)
+    converted = _localise_dtensors(model)
+    if converted and family.expert_output_reduce_needs_dtensors:
+        _reduce_expert_outputs(converted)
     expert_params = _experts.expert_parameters(model)
     for param in expert_params.values():
         # DeepSpeed's marker for "differs across the model-parallel group": its gradient norm then sums this
@@ -111,6 +134,13 @@ def adopt_ep_model(model, ep_size: int) -> None:
         param.model_parallel = True
     info = EPModelInfo(ep_size, ep_ranks, _experts.fingerprints(expert_params))
     model.__dict__[INFO_ATTR] = info
+    import transformers
+
+    reason = training_defect(transformers.__version__)
+    if reason is not None:
+        from ._load import logger
+
+        logger().warning(f"ep_ds_shim: loaded for inference only. {reason}; DeepSpeed training will be refused.")
     info.guard_handle = model.register_forward_pre_hook(_first_forward_guard, with_kwargs=True)
 
 
@@ -122,6 +152,7 @@ def _first_forward_guard(model, args, kwargs):
     """One-shot: the first forward after DeepSpeed wrapped the model checks groups and expert integrity."""
     if not _under_zero3(model):
         return None
+    refuse_training_if_defective()
     info = info_of(model)
     check_deepspeed_groups(model)
     if not info.verified_under_deepspeed:
@@ -207,6 +238,7 @@ def initialize(*, model, layout, config, optimizer=None, allow_unverified: bool 
     from ._releases import check_deepspeed
 
     check_deepspeed(getattr(deepspeed, "__version__", None), allow_unverified=allow_unverified)
+    refuse_training_if_defective()
     if "mpu" in kwargs:
         raise TypeError("ep_ds_shim.initialize supplies mpu from the layout; do not pass it")
     info_of(model)  # refuse a model the shim did not load

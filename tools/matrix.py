@@ -35,7 +35,7 @@ DEFAULT_RELEASES = [
 ]
 # First two are always asked for; the third is the first of the rest with an EP plan in the release.
 FAMILIES = ["gpt_oss", "qwen3_moe"]
-THIRD_FAMILY = ["mixtral", "olmoe", "qwen2_moe", "deepseek_v3"]
+THIRD_FAMILY = ["mixtral", "olmoe", "qwen2_moe", "deepseek_v3", "llama4_text"]
 COLUMNS = ("shape_checks", "load_equals_ep_only", "forward", "gradients", "zero3_step")
 # Columns that run no ep-ds-shim code at all: a failure there is transformers' own.
 UPSTREAM_ONLY = ("forward", "gradients")
@@ -149,6 +149,8 @@ def cells(per_rank: list[dict], *, crashed: bool) -> dict[str, str]:
             out[column] = "not run (worker crashed)"
         elif all(r.get("ok") for r in results):
             out[column] = "pass"
+        elif all(str(r.get("error", "")).startswith("UnsupportedReleaseError") for r in results):
+            out[column] = "refused (upstream defect)"
         elif column in UPSTREAM_ONLY:
             out[column] = "fails upstream"
         else:

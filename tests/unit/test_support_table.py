@@ -1,0 +1,67 @@
+"""The declared support range (code, pyproject, README) and the generated matrix must agree."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from ep_ds_shim import _releases, matrix
+
+REPO = Path(__file__).resolve().parents[2]
+MATRIX = matrix.load()
+ROWS = MATRIX.get("releases", {})
+
+
+def test_pyproject_declares_the_verified_ranges():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    dependencies = {d.split(">")[0].split("<")[0].split("=")[0]: d for d in project["dependencies"]}
+    assert SpecifierSet(dependencies["transformers"][len("transformers"):]) == _releases.VERIFIED_TRANSFORMERS
+    assert SpecifierSet(dependencies["deepspeed"][len("deepspeed"):]) == _releases.VERIFIED_DEEPSPEED
+
+
+def test_matrix_covers_every_minor_of_the_declared_range():
+    assert ROWS, "ep_ds_shim/support_matrix.json has no rows: run `python tools/matrix.py run && ... render`"
+    minors = {Version(v).release[:2] for v in ROWS}
+    low = min(minors)
+    high = max(minors)
+    for minor in range(low[1], high[1] + 1):
+        assert (5, minor) in minors, f"no matrix row for transformers 5.{minor}"
+    # every row is inside the declared range, and the declared range ends where the rows end
+    for release in ROWS:
+        assert Version(release) in _releases.VERIFIED_TRANSFORMERS, release
+    assert Version(f"{low[0]}.{low[1]}.0") in _releases.VERIFIED_TRANSFORMERS
+    assert Version(f"{low[0]}.{low[1] - 1}.99") not in _releases.VERIFIED_TRANSFORMERS
+    assert Version(f"{high[0]}.{high[1] + 1}.0") not in _releases.VERIFIED_TRANSFORMERS
+
+
+@pytest.mark.parametrize("release", sorted(ROWS, key=Version))
+def test_each_row_supports_what_the_code_claims(release):
+    row = ROWS[release]
+    models = row["models"]
+    assert len(models) >= 3, models
+    with_plan = {m: c for m, c in models.items() if not c["shape_checks"].startswith("n/a")}
+    assert with_plan, f"{release}: no model with an EP plan was run"
+    for model, cells in with_plan.items():
+        # the loading shim's own claims: shape checks and "EP + ZeRO-3 load == EP-only load"
+        assert cells["shape_checks"] == "pass", (release, model, cells)
+        assert cells["load_equals_ep_only"] == "pass", (release, model, cells)
+        assert cells["forward"] == "pass", (release, model, cells)
+    defect = _releases.training_defect(release)
+    gradients_fail = any(c["gradients"] != "pass" for c in with_plan.values())
+    assert bool(defect) == gradients_fail, (
+        f"{release}: the matrix says gradients {'fail' if gradients_fail else 'pass'} upstream, but "
+        f"UPSTREAM_TRAINING_DEFECTS {'covers' if defect else 'does not cover'} it"
+    )
+    for model, cells in with_plan.items():
+        expected = "refused (upstream defect)" if defect else "pass"
+        assert cells["zero3_step"] == expected, (release, model, cells)
+
+
+def test_readme_links_the_generated_table():
+    readme = (REPO / "README.md").read_text()
+    assert "docs/support-matrix.md" in readme
+    assert (REPO / "docs" / "support-matrix.md").exists()
