@@ -4,6 +4,9 @@
 #   ./run.sh demo            2 CPU ranks: tiny MoE -> EP load under ZeRO-3 -> deepspeed.initialize -> one step,
 #                            compared with a single-process model
 #   ./run.sh test [args]     the test suite (pytest args pass through)
+#   ./run.sh matrix [REL..]  support-matrix rows on real releases (default: all), checked against the committed
+#                            table; `python tools/matrix.py render` regenerates it
+#   ./run.sh bench           benchmarks (load time, peak RSS, shim overhead) - see README, Performance
 #   ./run.sh setup           only build the environment (.venv, DeepSpeed built against the installed torch)
 #
 # Environment: EP_DS_SHIM_VENV (default .venv), TORCH_SPEC (default torch==2.13.0, the CPU wheel).
@@ -53,6 +56,16 @@ case "${1:-}" in
         shift; setup
         cd "$ROOT"
         py -m pytest "$@" ;;
+    matrix)
+        shift; setup
+        cd "$ROOT"
+        rm -f build/matrix/*.json
+        py tools/matrix.py run "$@"
+        py tools/matrix.py check ;;
+    bench)
+        shift; setup
+        cd "$ROOT"
+        py benchmarks/run.py "$@" ;;
     *)
-        sed -n '2,10p' "$0"; exit 2 ;;
+        sed -n '2,13p' "$0"; exit 2 ;;
 esac

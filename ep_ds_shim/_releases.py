@@ -115,12 +115,12 @@ class UpstreamDefect:
 
 UPSTREAM_TRAINING_DEFECTS = (
     UpstreamDefect(
-        SpecifierSet(">=5.6.0,<5.15"),
+        SpecifierSet(">=5.6.0,<5.17"),
         "transformers' expert-parallel backward is wrong on this release even without DeepSpeed: each rank's "
         "gradients of the router and of every weight before the last MoE layer only see its own experts "
         "(measured up to 0.48 on dense weights), and from 5.8 expert-bias gradients can hold uninitialised "
         "memory; training would be silently wrong. Loading and inference are fine. Train on transformers "
-        ">=5.15 (see docs/support-matrix.md)",
+        "5.17, 5.18 or >=5.20 (see docs/support-matrix.md)",
     ),
 )
 

@@ -105,9 +105,14 @@ def _localise_dtensors(model) -> dict:
 def _reduce_expert_outputs(converted: dict) -> None:
     """On releases whose EP hook all-reduces the experts' output only while their weights are DTensors, attach
     that reduction to each converted experts module, using the release's own autograd function."""
-    from transformers.distributed import tensor_parallel
-
-    reduce = tensor_parallel._AllReduceForward
+    try:
+        from transformers.distributed.tensor_parallel import _AllReduceForward as reduce
+    except ImportError as error:
+        raise EpShimError(
+            "this release's EP hook needs DTensor expert weights to all-reduce expert outputs, and its "
+            f"_AllReduceForward could not be found ({error}); the shim cannot make the experts DeepSpeed-ready. "
+            "Report it with `python -m ep_ds_shim doctor`."
+        ) from error
     for module, mesh in converted.items():
         group = mesh.get_group()
 

@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     ds_config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,  # explicit: DeepSpeed's default changed within 0.19.x; the oracle clips at 1.0
         "zero_optimization": {"stage": 3},
         "steps_per_print": 10**9,
     }

@@ -4,7 +4,8 @@
     python tools/matrix.py run 5.20.2 --wrapt 1.17.3 --deepspeed 0.19.0
     python tools/matrix.py render                  # build/matrix/*.json -> ep_ds_shim/support_matrix.json,
                                                    #                        docs/support-matrix.md
-    ./run.sh matrix 5.20.2                         # one release, then render
+    python tools/matrix.py check                   # rows just run == the committed table (CI)
+    ./run.sh matrix 5.20.2                         # one release, then check it against the table
 
 `run` swaps transformers (and optionally wrapt / DeepSpeed) inside the current environment with
 `pip install --no-deps`, builds tiny checkpoints with that release, runs tools/matrix_worker.py over 2 gloo
@@ -102,7 +103,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_row(release: str, *, wrapt_version: str | None, deepspeed_version: str | None) -> dict:
+def run_row(release: str, *, wrapt_version: str | None, deepspeed_version: str | None, unit_tests: bool = False) -> dict:
     pip_install(f"transformers=={release}", deps=True)
     if wrapt_version:
         pip_install(f"wrapt=={wrapt_version}")
@@ -138,6 +139,13 @@ def run_row(release: str, *, wrapt_version: str | None, deepspeed_version: str |
         if len(reports) < 2:
             row["crash"] = (proc.stdout + proc.stderr)[-4000:]
     row["notes"] = notes(row)
+    if unit_tests:
+        env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu")
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "unit")],
+                                cwd=REPO, env=env, capture_output=True, text=True)
+        row["unit_tests"] = "pass" if result.returncode == 0 else "fail"
+        if result.returncode:
+            row["notes"].append("unit tests: " + result.stdout[-1500:])
     return row
 
 
@@ -150,11 +158,14 @@ def cells(per_rank: list[dict], *, crashed: bool) -> dict[str, str]:
         elif all(r.get("ok") for r in results):
             out[column] = "pass"
         elif all(str(r.get("error", "")).startswith("UnsupportedReleaseError") for r in results):
-            out[column] = "refused (upstream defect)"
+            out[column] = "refused"
         elif column in UPSTREAM_ONLY:
             out[column] = "fails upstream"
         else:
             out[column] = "fail"
+    # The release itself is refused: every column says so (the reason is in the notes).
+    if out.get("shape_checks") == "refused":
+        return {column: "refused" for column in COLUMNS}
     # A shim column that fails only because EP itself is broken upstream says so.
     if out.get("gradients") == "fails upstream" and out.get("zero3_step") == "fail":
         out["zero3_step"] = "fails upstream"
@@ -189,7 +200,8 @@ def command_run(args) -> int:
     try:
         for release in releases:
             started = datetime.datetime.now()
-            row = run_row(release, wrapt_version=args.wrapt, deepspeed_version=args.deepspeed)
+            row = run_row(release, wrapt_version=args.wrapt, deepspeed_version=args.deepspeed,
+                          unit_tests=args.unit_tests)
             name = release + (f"+wrapt{args.wrapt}" if args.wrapt else "") + (f"+deepspeed{args.deepspeed}" if args.deepspeed else "")
             row["row"] = name
             row["seconds"] = round((datetime.datetime.now() - started).total_seconds(), 1)
@@ -227,6 +239,47 @@ def command_render(args) -> int:
     return 0
 
 
+def command_recell(args) -> int:
+    """Recompute the cells of rows in build/matrix from their raw results (after changing `cells`)."""
+    for path in sorted(OUT.glob("*.json")):
+        if path.name.startswith("worker-"):
+            continue
+        row = json.loads(path.read_text())
+        for family, raw in row.get("raw", {}).items():
+            row["models"][family] = cells(raw, crashed=len(raw) < 2)
+        path.write_text(json.dumps(row, indent=1))
+    return 0
+
+
+def command_check(args) -> int:
+    """Compare the rows just run (build/matrix) with the committed table, cell by cell."""
+    committed = json.loads(MATRIX_JSON.read_text()).get("rows", {}) if MATRIX_JSON.exists() else {}
+    fresh = {}
+    for path in sorted(OUT.glob("*.json")):
+        if not path.name.startswith("worker-"):
+            row = json.loads(path.read_text())
+            fresh[row["row"]] = row
+    if not fresh:
+        print("no fresh rows in build/matrix: run `python tools/matrix.py run ...` first")
+        return 1
+    problems = []
+    for name, row in fresh.items():
+        if name not in committed:
+            problems.append(f"{name}: not in the committed table (run `python tools/matrix.py render` and commit)")
+            continue
+        for model, cells_ in row["models"].items():
+            want = committed[name]["models"].get(model)
+            if want != cells_:
+                problems.append(f"{name} {model}: committed {want}, measured now {cells_}")
+        if row.get("unit_tests") != committed[name].get("unit_tests"):
+            problems.append(f"{name} unit tests: committed {committed[name].get('unit_tests')}, now {row.get('unit_tests')}")
+    for problem in problems:
+        print("MISMATCH", problem)
+    print(f"checked {len(fresh)} rows against {MATRIX_JSON.relative_to(REPO)}: "
+          f"{'OK' if not problems else f'{len(problems)} mismatches'}")
+    return 1 if problems else 0
+
+
 def _version_key(name: str):
     base = name.split("+")[0]
     return tuple(int(x) for x in base.split(".")), name
@@ -243,7 +296,8 @@ def markdown(matrix: dict) -> str:
         "the block equals the EP-only load weight for weight and in logits; **forward** EP-only logits equal the",
         "single-process model; **gradients** EP-only loss and every gradient equal it (no DeepSpeed: transformers' own",
         "EP); **ZeRO-3 step** `ep_ds_shim.initialize` + one step: logits, loss, gradients, gradient norm and weights",
-        "after AdamW equal it. *fails upstream* = transformers' EP is wrong there without this library.",
+        "after AdamW equal it. *fails upstream* = transformers' EP is wrong there without this library; *refused* = the",
+        "library raises a clear error instead (the reason is in the notes).",
         "",
         "| row | model | shape | load = EP-only | forward | gradients | ZeRO-3 step |",
         "|---|---|---|---|---|---|---|",
@@ -256,7 +310,8 @@ def markdown(matrix: dict) -> str:
     for name in sorted(matrix["rows"], key=_version_key):
         row = matrix["rows"][name]
         versions = ", ".join(f"{k} {v}" for k, v in row.get("versions", {}).items())
-        lines.append(f"- **{name}** ({versions}; {row.get('seconds', '?')} s)")
+        unit = f"; unit tests {row['unit_tests']}" if "unit_tests" in row else ""
+        lines.append(f"- **{name}** ({versions}; {row.get('seconds', '?')} s{unit})")
         for note in row.get("notes", []):
             lines.append(f"  - {note}")
     return "\n".join(lines) + "\n"
@@ -270,9 +325,13 @@ def main(argv=None) -> int:
     run.add_argument("--wrapt", help="also swap wrapt to this version for these rows")
     run.add_argument("--deepspeed", help="also swap DeepSpeed to this version for these rows")
     run.add_argument("--strict", action="store_true", help="exit 1 if a shim column fails")
+    run.add_argument("--unit-tests", action="store_true", help="also run tests/unit under these versions")
     sub.add_parser("render")
+    sub.add_parser("check", help="compare rows in build/matrix with the committed table; exit 1 on mismatch")
+    sub.add_parser("recell", help="recompute cells of rows in build/matrix from their raw results")
     args = parser.parse_args(argv)
-    return command_run(args) if args.command == "run" else command_render(args)
+    commands = {"run": command_run, "render": command_render, "check": command_check, "recell": command_recell}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

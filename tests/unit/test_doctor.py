@@ -37,7 +37,8 @@ def test_doctor_human_output_and_refusal(monkeypatch, capsys):
     human = capsys.readouterr().out
     assert "transformers release supported: yes" in human and "gate get_init_context" in human
     monkeypatch.setattr(transformers, "__version__", "5.4.0")
-    monkeypatch.setattr(doctor, "_version", lambda name: "5.4.0" if name == "transformers" else "x")
+    real_version = doctor._version
+    monkeypatch.setattr(doctor, "_version", lambda name: "5.4.0" if name == "transformers" else real_version(name))
     assert doctor.main(["doctor", "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["transformers_supported"] is False
