@@ -63,12 +63,17 @@ def diagnose() -> dict:
     if plan is not None:
         report["transformers_supported"] = True
         report["family"] = plan.family.name
-        report["ep_spelling"] = plan.family.spelling
+        from .spelling import SPELLINGS
+
+        report["ep_spelling"] = SPELLINGS.get(plan.family.spelling, plan.family.spelling)
         report["dp_x_ep"] = plan.family.dp_x_ep
         checks = [(_install._load.ENTRY.qualname, "entry", plan.entry)]
         checks += [(gate.target.qualname, gate.name, report_) for gate, report_ in plan.gates]
         if plan.mesh is not None:
             checks.append((plan.mesh[0].target.qualname, plan.mesh[0].name, plan.mesh[1]))
+        if plan.legacy_flag is not None:
+            checks.append((plan.legacy_flag.target.qualname, "DistributedConfig.__post_init__ (legacy EP flag)",
+                           plan.legacy_flag))
         report["gates"] = [
             {
                 "target": qualname,
@@ -116,13 +121,17 @@ def _print_human(report: dict) -> None:
     supported = report.get("transformers_supported")
     out(f"  transformers release supported: {'yes' if supported else 'NO'}")
     if supported:
-        out(f" (family {report['family']}; EP spelling: {report['ep_spelling']}; DP x EP: {report['dp_x_ep'] or 'not supported'})")
+        out(f" (family {report['family']}; DP x EP with world > ep: {report['dp_x_ep'] or 'not supported'})\n")
+        out(f"  EP of size N on this release: {report['ep_spelling']}\n"
+            "      (ep_ds_shim.ep_from_pretrained_kwargs(path, ep_size=N) builds it)")
     out("\n")
     row = report.get("matrix")
     if row:
         out("  verified by the matrix for this release:\n")
+        from .matrix import COLUMNS
+
         for model, cells in row["models"].items():
-            out(f"    {model:<12} " + "  ".join(f"{k}={v}" for k, v in cells.items()) + "\n")
+            out(f"    {model:<12} " + "  ".join(f"{k}={cells.get(k)}" for k in COLUMNS) + "\n")
         for note in row.get("notes", []):
             out(f"    note: {note}\n")
     else:
@@ -134,7 +143,7 @@ def _print_human(report: dict) -> None:
     for gate in report.get("gates", []):
         status = "ok" if gate["ok"] else "DRIFT"
         extra = " (upstream already EP-aware)" if gate.get("ep_aware_upstream") else ""
-        out(f"  gate {gate['gate']:<40} {status}{extra}\n")
+        out(f"  check {gate['gate']:<48} {status}{extra}\n")
         if gate["problem"]:
             out(f"      {gate['problem']}\n")
     out(f"  ZeRO-3 signalled right now: {report['zero3_signalled']}\n")

@@ -21,6 +21,13 @@ from ._releases import family_for
 
 REPLICATE = "replicate"
 
+# How each release family spells "EP of size N" (what the doctor prints).
+SPELLINGS = {
+    "enable_expert_parallel+device_mesh": "DistributedConfig(enable_expert_parallel=True) + device_mesh=<1-D mesh of N ranks>",
+    "enable_expert_parallel+tp_size": "DistributedConfig(enable_expert_parallel=True, tp_size=N)",
+    "ep_size": "DistributedConfig(ep_size=N, tp_size=N, tp_plan={<every TP rule>: 'replicate'})",
+}
+
 
 def _resolve_config_and_class(model_ref, model_class):
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig

@@ -175,15 +175,21 @@ def cells(per_rank: list[dict], *, crashed: bool) -> dict[str, str]:
 
 
 def notes(row: dict) -> list[str]:
-    found = []
+    """One line per distinct reason a cell is not a pass (first rank that saw it), consequences left out."""
+    found, seen = [], set()
     for family, raw in row.get("raw", {}).items():
         for column in COLUMNS:
             for rank, results in enumerate(raw):
                 result = results.get(column, {})
-                if not result.get("ok"):
-                    detail = result.get("error") or {k: v for k, v in result.items() if k not in ("trace", "ok")}
-                    found.append(f"{family} {column} (rank {rank}): {str(detail)[:300]}")
+                if result.get("ok"):
+                    continue
+                detail = result.get("error") or {k: v for k, v in result.items() if k not in ("trace", "ok")}
+                text = str(detail)
+                if text.startswith("no EP") or text in seen:
                     break
+                seen.add(text)
+                found.append(f"{family} {column} (rank {rank}): {text[:400]}")
+                break
     return found
 
 
@@ -240,13 +246,15 @@ def command_render(args) -> int:
 
 
 def command_recell(args) -> int:
-    """Recompute the cells of rows in build/matrix from their raw results (after changing `cells`)."""
+    """Recompute the cells and notes of rows in build/matrix from their raw results (after changing them)."""
     for path in sorted(OUT.glob("*.json")):
         if path.name.startswith("worker-"):
             continue
         row = json.loads(path.read_text())
         for family, raw in row.get("raw", {}).items():
             row["models"][family] = cells(raw, crashed=len(raw) < 2)
+        unit_notes = [n for n in row.get("notes", []) if n.startswith("unit tests:")]
+        row["notes"] = notes(row) + unit_notes
         path.write_text(json.dumps(row, indent=1))
     return 0
 

@@ -35,7 +35,7 @@ def test_doctor_human_output_and_refusal(monkeypatch, capsys):
 
     assert doctor.main(["doctor"]) in (0, 1)
     human = capsys.readouterr().out
-    assert "transformers release supported: yes" in human and "gate get_init_context" in human
+    assert "transformers release supported: yes" in human and "check get_init_context" in human
     monkeypatch.setattr(transformers, "__version__", "5.4.0")
     real_version = doctor._version
     monkeypatch.setattr(doctor, "_version", lambda name: "5.4.0" if name == "transformers" else real_version(name))
