@@ -27,6 +27,17 @@ def rss_now_mb() -> float:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def rss_split_mb() -> dict:
+    """Resident memory right now, split into anonymous (heap: tensors) and file-backed (mmap'ed checkpoint)."""
+    fields = {}
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(("RssAnon:", "RssFile:")):
+                name, value, _ = line.split()
+                fields[name.rstrip(":")] = int(value) / 1024
+    return {"rss_anon_mb": fields.get("RssAnon"), "rss_file_mb": fields.get("RssFile")}
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -48,6 +59,7 @@ def main(variant: str, path: str, report_path: str) -> None:
     hf = HfDeepSpeedConfig(ds_config) if "zero3" in variant else None  # noqa: F841
     dist.barrier()
     baseline = rss_now_mb()
+    baseline_split = rss_split_mb()
     started = time.perf_counter()
     if variant.startswith("ep_zero3"):
         with ep_ds_shim.ep_zero3_compat():
@@ -62,7 +74,8 @@ def main(variant: str, path: str, report_path: str) -> None:
         if not hasattr(p, "ds_numel")
     ) + sum(p.ds_tensor.numel() * p.element_size() for p in model.parameters() if hasattr(p, "ds_tensor"))
     report = {"rank": rank, "world": world, "variant": variant, "load_seconds": load_seconds,
-              "baseline_rss_mb": baseline, "load_peak_rss_mb": load_peak, "held_param_mb": held / 2**20}
+              "baseline_rss_mb": baseline, "load_peak_rss_mb": load_peak, "held_param_mb": held / 2**20,
+              "baseline_split": baseline_split, "after_load_split": rss_split_mb()}
     if variant.endswith("_step"):
         batch = testing.batch_for(layout.dp_rank, vocab_size=model.config.vocab_size, batch=1)
         dist.barrier()
@@ -87,4 +100,10 @@ def main(variant: str, path: str, report_path: str) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    main(*sys.argv[1:4])
+    if os.environ.get("BENCH_PROFILE") and os.environ.get("RANK") == "0":
+        # `BENCH_PROFILE=out.prof`: profile rank 0 (how the README's profiler findings were made)
+        import cProfile
+
+        cProfile.run("main(*sys.argv[1:4])", os.environ["BENCH_PROFILE"])
+    else:
+        main(*sys.argv[1:4])

@@ -88,6 +88,8 @@ def measure(variant: str, path: Path, nproc: int) -> dict:
     if len(ranks) != nproc:
         raise RuntimeError(f"{variant} on {nproc} ranks failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
     merged = {"load_seconds": max(r["load_seconds"] for r in ranks),
+              "anon_growth_mb": max(r["after_load_split"]["rss_anon_mb"] - r["baseline_split"]["rss_anon_mb"] for r in ranks),
+              "file_growth_mb": max(r["after_load_split"]["rss_file_mb"] - r["baseline_split"]["rss_file_mb"] for r in ranks),
               "peak_rss_mb": max(r["load_peak_rss_mb"] for r in ranks),
               "load_delta_mb": max(r["load_peak_rss_mb"] - r["baseline_rss_mb"] for r in ranks),
               "held_param_mb": max(r["held_param_mb"] for r in ranks)}
@@ -174,6 +176,8 @@ def main(argv=None) -> int:
         "peak_rss_b_over_c": ratios(runs["ep_zero3"], runs["dense_zero3"], "peak_rss_mb"),
         "load_delta_b_over_must_hold": spread([r["load_delta_mb"] / must_hold_mb for r in runs["ep_zero3"]]),
         "held_params_b_over_must_hold": spread([r["held_param_mb"] / must_hold_mb for r in runs["ep_zero3"]]),
+        "anon_growth_b_over_must_hold": spread([r["anon_growth_mb"] / must_hold_mb for r in runs["ep_zero3"]]),
+        "file_growth_b_mb": spread([r["file_growth_mb"] for r in runs["ep_zero3"]]),
         "absolute": {v: {k: spread([r[k] for r in rs]) for k in rs[0]} for v, rs in {**runs, **steps}.items()},
         "initialize_plus_first_step_dpxep_over_dense": spread(
             [(e["initialize_seconds"] + e["first_step_seconds"]) / (d["initialize_seconds"] + d["first_step_seconds"])
@@ -204,6 +208,8 @@ def render(r: dict) -> str:
         f"| peak RSS, (b) / (c) | {f(r['peak_rss_b_over_c'])} | - |",
         f"| (b) RSS growth during load / bytes a rank must hold ({r['must_hold_per_rank_mb']:.0f} MB) | {f(r['load_delta_b_over_must_hold'])} | close to 1 |",
         f"| (b) parameter bytes held / bytes a rank must hold | {f(r['held_params_b_over_must_hold'])} | 1 |",
+        f"| (b) anonymous (heap) RSS growth after load / bytes a rank must hold | {f(r['anon_growth_b_over_must_hold'])} | close to 1 |",
+        f"| (b) file-backed RSS growth after load (mmap'ed checkpoint pages), MB | {f(r['file_growth_b_mb'])} | - |",
         f"| deepspeed.initialize + first step, DP x EP / dense ZeRO-3 | {f(r['initialize_plus_first_step_dpxep_over_dense'])} | - |",
         "",
         "| absolute (slowest rank) | load s | peak RSS MB | initialize s | first step s |",

@@ -134,3 +134,19 @@ def test_legacy_flag_without_zero3_warns_and_loads_as_upstream(tiny_checkpoint, 
             )
     experts = [p for n, p in model.named_parameters() if "experts" in n.split(".")]
     assert experts and all(p.shape[0] == 4 for p in experts)  # every expert on the rank: EP was off
+
+
+def test_fingerprints_catch_changes_and_tolerate_dtype_casts():
+    from ep_ds_shim.experts import Fingerprint
+
+    torch.manual_seed(0)
+    experts = torch.randn(8, 300, 500)  # spans several chunks
+    before = Fingerprint.of(experts)
+    assert before.matches(Fingerprint.of(experts.clone()))
+    swapped = experts[[1, 0, *range(2, 8)]]  # two experts swapped: same plain sum
+    assert not before.matches(Fingerprint.of(swapped))
+    nudged = experts.clone()
+    nudged[5, 7, :] += 1e-3  # one row of one expert: the sample sees part of it (not meant for single bits)
+    assert not before.matches(Fingerprint.of(nudged))
+    assert before.matches(Fingerprint.of(experts.to(torch.bfloat16)))  # DeepSpeed casting the model
+    assert not before.matches(Fingerprint.of(torch.randn(8, 300, 500).to(torch.bfloat16)))  # other experts
