@@ -37,8 +37,8 @@ class Family:
     spelling: str
     dtensor_experts: bool
     notes: str = ""
-    # How a DP x EP load (world > ep) reaches the EP sub-group: "device_mesh" (the release honours the
-    # device_mesh= argument) or "replicate_dim" (gates/ep_mesh.py sizes the release's own mesh); None: refused.
+    # How a DP x EP load (world > ep) reaches the EP sub-group: "replicate_dim" (gates/ep_mesh.py sizes the
+    # release's own mesh); None: refused with a clear error.
     dp_x_ep: str | None = None
     # DistributedConfig(enable_expert_parallel=True) alone resolves to ep_size=1 (EP silently off).
     legacy_flag_silently_off: bool = False
@@ -51,8 +51,9 @@ class Family:
 FAMILIES = (
     Family(
         "5.6-5.14", SpecifierSet(">=5.6.0,<5.15"), "enable_expert_parallel+device_mesh", False,
-        "EP via DistributedConfig(enable_expert_parallel=True) and device_mesh=; plain-tensor expert shards.",
-        dp_x_ep="device_mesh",
+        "EP via DistributedConfig(enable_expert_parallel=True) and device_mesh=; plain-tensor expert shards. "
+        "(A DP x EP load over device_mesh=mesh['ep'] works upstream, but training is refused here and the shim has "
+        "not verified it, so world > ep is refused.)",
     ),
     Family(
         "5.15-5.18", SpecifierSet(">=5.15.0,<5.19"), "enable_expert_parallel+tp_size", True,

@@ -150,3 +150,24 @@ def test_fingerprints_catch_changes_and_tolerate_dtype_casts():
     assert not before.matches(Fingerprint.of(nudged))
     assert before.matches(Fingerprint.of(experts.to(torch.bfloat16)))  # DeepSpeed casting the model
     assert not before.matches(Fingerprint.of(torch.randn(8, 300, 500).to(torch.bfloat16)))  # other experts
+
+
+def test_dp_x_ep_is_refused_where_it_is_not_verified(tiny_checkpoint, monkeypatch):
+    """world > ep on a release family without a verified DP x EP path: a clear error, before any collective."""
+    import dataclasses
+
+    from transformers import Qwen3MoeForCausalLM
+
+    from ep_ds_shim import _load, _releases
+
+    path = tiny_checkpoint("qwen3_moe")
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
+        family = dataclasses.replace(_releases.FAMILIES[-1], dp_x_ep=None)
+        with pytest.raises(EPRequestError, match="ep_size=2 on a world of 4.*not supported"):
+            _load.validate_request(Qwen3MoeForCausalLM, (str(path),), {}, 2, family)
+        _load.validate_request(Qwen3MoeForCausalLM, (str(path),), {}, 2, _releases.FAMILIES[-1])  # 5.23: fine
+    finally:
+        monkeypatch.undo()
+        dist.destroy_process_group()
