@@ -34,11 +34,16 @@ def test_train_step_matches_reference(family, world, ep, tiny_checkpoint, run_ra
         assert shapes and all(shape[0] == 2 for shape in shapes.values()), shapes  # 4 experts / ep 2
 
 
+def guard_reports(tiny_checkpoint, run_ranks, mode: str) -> list[dict]:
+    """Both ranks' reports of one worker_guard.py mode (every rank must report: none may hang)."""
+    run = run_ranks(GUARD, str(tiny_checkpoint("qwen3_moe")), mode, "{json}", nproc=2)
+    assert len(run.reports) == 2, run
+    return run.reports
+
+
 @pytest.mark.distributed
 def test_upstream_recipe_is_refused_before_any_step(tiny_checkpoint, run_ranks):
-    run = run_ranks(GUARD, str(tiny_checkpoint("qwen3_moe")), "upstream", "{json}", nproc=2)
-    assert len(run.reports) == 2, run
-    for report in run.reports:
+    for report in guard_reports(tiny_checkpoint, run_ranks, "upstream"):
         assert report["raised"] == "DeepSpeedGroupsError", report
         assert report["stage"] == "forward", report  # never reached backward or step
         assert "mpu=layout.mpu()" in report["message"]
@@ -46,20 +51,17 @@ def test_upstream_recipe_is_refused_before_any_step(tiny_checkpoint, run_ranks):
 
 @pytest.mark.distributed
 def test_corrupted_expert_shard_is_caught(tiny_checkpoint, run_ranks):
-    run = run_ranks(GUARD, str(tiny_checkpoint("qwen3_moe")), "corrupt", "{json}", nproc=2)
-    assert len(run.reports) == 2, run
-    for report in run.reports:
+    reports = guard_reports(tiny_checkpoint, run_ranks, "corrupt")
+    for report in reports:
         # every rank raises (no rank is left waiting in a collective), the corrupted one names the tensor
         assert report["raised"] == "ExpertIntegrityError", report
         assert report["stage"] == "initialize"
-    corrupted = [r for r in run.reports if "corrupted" in r]
+    corrupted = [r for r in reports if "corrupted" in r]
     assert len(corrupted) == 1 and corrupted[0]["corrupted"] in corrupted[0]["message"]
 
 
 @pytest.mark.distributed
 def test_model_parallel_group_must_be_the_ep_group(tiny_checkpoint, run_ranks):
-    run = run_ranks(GUARD, str(tiny_checkpoint("qwen3_moe")), "no-mp-group", "{json}", nproc=2)
-    assert len(run.reports) == 2, run
-    for report in run.reports:
+    for report in guard_reports(tiny_checkpoint, run_ranks, "no-mp-group"):
         assert report["raised"] == "DeepSpeedGroupsError", report
         assert "model-parallel group" in report["message"]
