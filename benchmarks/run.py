@@ -23,8 +23,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
-import timeit
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,9 +10,7 @@ from __future__ import annotations
 import contextlib
 
 from ._install import INSTALLATION
-from contextvars import ContextVar
-
-from ._state import block_depth, translating_legacy_spelling
+from ._state import block_depth, translate_options
 
 
 class ep_zero3_compat(contextlib.ContextDecorator):  # noqa: N801 - reads like the function users call
@@ -36,18 +34,11 @@ class ep_zero3_compat(contextlib.ContextDecorator):  # noqa: N801 - reads like t
     def __enter__(self):
         INSTALLATION.acquire(allow_unverified=self.allow_unverified)
         block_depth.set(block_depth.get() + 1)
-        # Innermost block decides; the previous value is restored on exit (kept on a per-context stack).
-        _translate_stack.set((*_translate_stack.get(), translating_legacy_spelling.get()))
-        translating_legacy_spelling.set(self.translate_legacy_spelling)
+        translate_options.set((*translate_options.get(), self.translate_legacy_spelling))  # innermost decides
         return self
 
     def __exit__(self, exc_type, exc, traceback):
-        *rest, previous = _translate_stack.get()
-        _translate_stack.set(tuple(rest))
-        translating_legacy_spelling.set(previous)
+        translate_options.set(translate_options.get()[:-1])
         block_depth.set(block_depth.get() - 1)
         INSTALLATION.release()
         return False
-
-
-_translate_stack: ContextVar[tuple] = ContextVar("ep_ds_shim_translate_stack", default=())

@@ -146,24 +146,14 @@ class _Installation:
         installed: list[Patch] = []
         try:
             for module_name in plan.question_namespaces:
-                module = sys.modules[module_name]
-                original = vars(module)[zero3_question.NAME]
-                installed.append(install(module, zero3_question.NAME, zero3_question.wrap_question(original)))
+                installed.append(install(sys.modules[module_name], zero3_question.NAME, zero3_question.wrap_question))
             for gate, _ in plan.gates:
-                owner = gate.target.resolve_owner()
-                original = vars(owner)[gate.target.name]
-                installed.append(install(owner, gate.target.name, wrap_gate(gate, original)))
+                installed.append(gate.target.install(lambda original, gate=gate: wrap_gate(gate, original)))
             if plan.mesh is not None:
-                owner = plan.mesh[0].target.resolve_owner()
-                original = vars(owner)[plan.mesh[0].target.name]
-                installed.append(install(owner, plan.mesh[0].target.name, ep_mesh.wrap_mesh(original)))
+                installed.append(plan.mesh[0].target.install(ep_mesh.wrap_mesh))
             if plan.legacy_flag is not None:
-                owner = legacy_ep_flag.TARGET.resolve_owner()
-                original = vars(owner)[legacy_ep_flag.TARGET.name]
-                installed.append(install(owner, legacy_ep_flag.TARGET.name, legacy_ep_flag.wrap_post_init(original)))
-            owner = _load.ENTRY.resolve_owner()
-            original = vars(owner)[_load.ENTRY.name]
-            installed.append(install(owner, _load.ENTRY.name, _load.wrap_entry(original, plan.family)))
+                installed.append(legacy_ep_flag.TARGET.install(legacy_ep_flag.wrap_post_init))
+            installed.append(_load.ENTRY.install(lambda original: _load.wrap_entry(original, plan.family)))
         except BaseException:
             _restore(installed)
             raise

@@ -63,9 +63,9 @@ def _world_size() -> int | None:
     return int(env) if env else None
 
 
-def requested_ep_size(family: Family, kwargs: dict) -> int | None:
-    """The expert-parallel size a `from_pretrained` call asks for on this release family, or None (no EP)."""
-    config = _normalised_distributed_config(kwargs.get("distributed_config"))
+def requested_ep_size(family: Family, config, kwargs: dict) -> int | None:
+    """The expert-parallel size a `from_pretrained` call asks for on this release family, or None (no EP).
+    `config` is the call's `distributed_config`, normalised to a `DistributedConfig`."""
     if config is None:
         return None
     ep_size = getattr(config, "ep_size", None)
@@ -147,11 +147,12 @@ def _transformers_version() -> str:
 
 def _entry_wrapper(family: Family):
     def from_pretrained(wrapped, cls, args, kwargs):
-        if translating_legacy_spelling.get():
-            kwargs = _translated_legacy_spelling(cls, args, kwargs)
-        ep_size = requested_ep_size(family, kwargs)
-        record = LoadRecord(cls.__name__, ep_size, zero3_signalled())
         requested = _normalised_distributed_config(kwargs.get("distributed_config"))
+        if translating_legacy_spelling() and legacy_ep_flag.legacy_flag_without_ep(requested):
+            kwargs = _translated_legacy_spelling(cls, args, kwargs)
+            requested = _normalised_distributed_config(kwargs.get("distributed_config"))
+        ep_size = requested_ep_size(family, requested, kwargs)
+        record = LoadRecord(cls.__name__, ep_size, zero3_signalled())
         if ep_size is None and legacy_ep_flag.legacy_flag_without_ep(requested):
             if record.zero3:
                 raise EPRequestError(legacy_ep_flag.message("is refused under ZeRO-3"))
@@ -175,11 +176,8 @@ def _entry_wrapper(family: Family):
 
 
 def _translated_legacy_spelling(cls, args, kwargs) -> dict:
-    """`DistributedConfig(enable_expert_parallel=True)` (+ `device_mesh`) rewritten to this release's EP spelling,
-    when this release would otherwise silently load without EP. Other calls are returned unchanged."""
-    requested = _normalised_distributed_config(kwargs.get("distributed_config"))
-    if not legacy_ep_flag.legacy_flag_without_ep(requested):
-        return kwargs
+    """The call's legacy `DistributedConfig(enable_expert_parallel=True)` (+ `device_mesh`), which this release
+    would load without EP, rewritten to this release's EP spelling (unchanged when there is no EP to ask for)."""
     mesh = kwargs.get("device_mesh")
     ep_size = mesh.size() if mesh is not None else _world_size()
     if not ep_size or ep_size < 2:

@@ -185,7 +185,7 @@ def check_deepspeed(version: str | None, *, allow_unverified: bool = False) -> N
             "DeepSpeed is not installed, but ZeRO-3 training needs it. "
             f"Install a verified release: pip install 'deepspeed{VERIFIED_DEEPSPEED}' (DS_BUILD_OPS=0 on CPU)."
         )
-    if Version(version) in VERIFIED_DEEPSPEED or allow_unverified:
+    if Version(version) in VERIFIED_DEEPSPEED or allow_unverified or allow_unverified_from_env():
         return
     raise UnsupportedReleaseError(
         f"DeepSpeed {version} is outside the verified range {VERIFIED_DEEPSPEED}. ep-ds-shim relies on how "

@@ -13,8 +13,15 @@ from dataclasses import dataclass, field
 # How many ep_zero3_compat blocks enclose the current thread/task.
 block_depth: ContextVar[int] = ContextVar("ep_ds_shim_block_depth", default=0)
 
-# Whether the enclosing block translates the legacy EP spelling (`ep_ds_shim.run` turns this on).
-translating_legacy_spelling: ContextVar[bool] = ContextVar("ep_ds_shim_translate_legacy", default=False)
+# The `translate_legacy_spelling` option of each enclosing block, innermost last (`ep_ds_shim.run` turns it on).
+translate_options: ContextVar[tuple] = ContextVar("ep_ds_shim_translate_options", default=())
+
+
+def translating_legacy_spelling() -> bool:
+    """Whether the innermost enclosing block translates the legacy EP spelling."""
+    options = translate_options.get()
+    return bool(options) and options[-1]
+
 
 # Whether the ZeRO-3 question answers False right now (set only while a gated call of an EP load runs).
 hiding_zero3: ContextVar[bool] = ContextVar("ep_ds_shim_hiding_zero3", default=False)

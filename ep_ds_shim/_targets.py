@@ -46,6 +46,10 @@ class Target:
         owner = importlib.import_module(module_name)
         return getattr(owner, class_name) if class_name else owner
 
+    def install(self, wrap) -> "Patch":
+        """Replace this target with `wrap(original)`; see `install`."""
+        return install(self.resolve_owner(), self.name, wrap)
+
     def raw(self):
         """The object stored on the owner itself (descriptor included), or raise drift if it is not there."""
         owner = self.resolve_owner()
@@ -165,8 +169,10 @@ class Patch:
         setattr(self.owner, self.name, self.original)
 
 
-def install(owner, name: str, replacement) -> Patch:
+def install(owner, name: str, wrap) -> Patch:
+    """Replace `owner.name` (read from the owner's own namespace) with `wrap(original)`."""
     original = vars(owner)[name]
+    replacement = wrap(original)
     setattr(owner, name, replacement)
     return Patch(owner, name, original, replacement)
 

@@ -12,25 +12,24 @@ thread/task that opened it, and leaving restores `deepspeed.initialize` to the i
 from __future__ import annotations
 
 import contextlib
-import sys
 from contextvars import ContextVar
 
 import wrapt
 
 from ._install import _Installation
-from ._targets import Target, check_shape, install
+from ._targets import Target, check_shape
 from .errors import TargetDriftError
 
 TARGET = Target("deepspeed", "initialize", "function", leading_params=("args", "model", "optimizer"))
 
-_depth: ContextVar[int] = ContextVar("ep_ds_shim_groups_depth", default=0)
-# The layouts of the enclosing blocks, innermost last (a tuple, so each thread/task has its own stack).
+# The layouts of the enclosing blocks, innermost last (a tuple, so each thread/task has its own stack; a block
+# without an explicit layout contributes None).
 _layouts: ContextVar[tuple] = ContextVar("ep_ds_shim_groups_layouts", default=())
 _auto_layouts: dict[int, object] = {}
 
 
 def _active() -> bool:
-    return _depth.get() > 0
+    return bool(_layouts.get())
 
 
 def _layout_for(info):
@@ -67,23 +66,20 @@ def _restate_batch_size(config, layout):
 
 
 def _supply(wrapped, instance, args, kwargs):
-    from .zero3 import INFO_ATTR, check_deepspeed_groups, verify_expert_integrity
+    from .zero3 import INFO_ATTR, check_before_training, check_engine
 
     model = kwargs.get("model", args[1] if len(args) > 1 else None)
     info = getattr(model, "__dict__", {}).get(INFO_ATTR) if model is not None else None
     if info is None or kwargs.get("mpu") is not None or len(args) > 7:
         return wrapped(*args, **kwargs)
-    from ._releases import refuse_training_if_defective
-
-    refuse_training_if_defective()
+    check_before_training()
     layout = _layout_for(info)
     kwargs = dict(kwargs, mpu=layout.mpu())
     for key in ("config", "config_params"):
         if key in kwargs:
             kwargs[key] = _restate_batch_size(kwargs[key], layout)
     result = wrapped(*args, **kwargs)
-    check_deepspeed_groups(result[0])
-    verify_expert_integrity(result[0])
+    check_engine(result[0])
     from ._load import logger
 
     logger().info(f"ep_ds_shim: supplied the DP x EP groups to deepspeed.initialize ({layout})")
@@ -91,13 +87,10 @@ def _supply(wrapped, instance, args, kwargs):
 
 
 def _install_groups() -> list:
-    import deepspeed  # noqa: F401 - the module whose attribute launchers look up
-
     report = check_shape(TARGET, is_gate=False)
     if not report.ok:
         raise TargetDriftError(f"cannot supply DeepSpeed groups: {report.problem}; nothing was patched.")
-    module = sys.modules["deepspeed"]
-    return [install(module, TARGET.name, wrapt.FunctionWrapper(vars(module)[TARGET.name], _supply, enabled=_active))]
+    return [TARGET.install(lambda original: wrapt.FunctionWrapper(original, _supply, enabled=_active))]
 
 
 INSTALLATION = _Installation(_install_groups)
@@ -120,12 +113,10 @@ class supply_deepspeed_groups(contextlib.ContextDecorator):  # noqa: N801
 
     def __enter__(self):
         INSTALLATION.acquire()
-        _depth.set(_depth.get() + 1)
         _layouts.set((*_layouts.get(), self.layout))
         return self
 
     def __exit__(self, *exc):
         _layouts.set(_layouts.get()[:-1])
-        _depth.set(_depth.get() - 1)
         INSTALLATION.release()
         return False

@@ -46,10 +46,10 @@ class EPTrainerMixin:
     def get_train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
+        # releases without `train_sampling_strategy` always shuffle
+        shuffle = getattr(self.args, "train_sampling_strategy", "random") != "sequential"
         sampler = self.ep_layout.sampler(
-            self.train_dataset, shuffle=self.args.train_sampling_strategy != "sequential" if hasattr(
-                self.args, "train_sampling_strategy") else True,
-            seed=self.args.seed, drop_last=self.args.dataloader_drop_last,
+            self.train_dataset, shuffle=shuffle, seed=self.args.seed, drop_last=self.args.dataloader_drop_last
         )
         return DataLoader(
             self.train_dataset,

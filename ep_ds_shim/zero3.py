@@ -150,7 +150,10 @@ def adopt_ep_model(model, ep_size: int, family) -> None:
 
 
 def _under_zero3(model) -> bool:
-    return any(hasattr(param, "ds_id") for param in model.parameters())
+    # ZeRO-3 converts every parameter of the module it wraps, so the first one tells; this runs on every forward
+    # until DeepSpeed has wrapped the model (pure inference: always), so it must not walk all parameters.
+    first = next(model.parameters(), None)
+    return first is not None and hasattr(first, "ds_id")
 
 
 def _first_forward_guard(model, args, kwargs):
@@ -240,15 +243,26 @@ def initialize(*, model, layout, config, optimizer=None, allow_unverified: bool 
     """
     import deepspeed
 
-    from ._releases import check_deepspeed
-
-    check_deepspeed(getattr(deepspeed, "__version__", None), allow_unverified=allow_unverified)
-    refuse_training_if_defective()
+    check_before_training(allow_unverified=allow_unverified)
     if "mpu" in kwargs:
         raise TypeError("ep_ds_shim.initialize supplies mpu from the layout; do not pass it")
     info_of(model)  # refuse a model the shim did not load
     result = deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=layout.mpu(), **kwargs)
-    engine = result[0]
+    check_engine(result[0])
+    return result
+
+
+def check_before_training(*, allow_unverified: bool = False) -> None:
+    """Before DeepSpeed takes an EP model: a verified DeepSpeed, and a transformers whose EP trains correctly."""
+    import deepspeed
+
+    from ._releases import check_deepspeed
+
+    check_deepspeed(getattr(deepspeed, "__version__", None), allow_unverified=allow_unverified)
+    refuse_training_if_defective()
+
+
+def check_engine(engine) -> None:
+    """Right after `deepspeed.initialize`: the groups are the DP x EP ones and every expert shard is intact."""
     check_deepspeed_groups(engine)
     verify_expert_integrity(engine)
-    return result

@@ -9,8 +9,6 @@ import argparse
 import json
 import os
 
-import torch
-
 
 def parse_args(argv=None, description: str = ""):
     parser = argparse.ArgumentParser(description=description)
