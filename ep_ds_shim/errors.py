@@ -29,3 +29,23 @@ class ExpertIntegrityError(EpShimError):
 
 class RestoreError(EpShimError):
     """Leaving the block found a patched attribute replaced by someone else, so it could not be restored exactly."""
+
+
+class ScopeError(EpShimError):
+    """A block was left in another thread/task than the one that entered it, or out of order."""
+
+
+class RankDisagreementError(EpShimError):
+    """Ranks that must agree (dtype, EP size and group, expert shapes, model type, versions, layout) do not."""
+
+
+class CollectiveTimeoutError(EpShimError):
+    """A rank did not join one of the library's own cross-rank checks in time (it never reached that point)."""
+
+
+class IncompleteSaveError(EpShimError):
+    """A save path would write only this rank's part of the experts; nothing was written."""
+
+
+class CheckpointLayoutError(EpShimError):
+    """A DeepSpeed checkpoint was written with another DP x EP layout than the one resuming from it."""

@@ -16,6 +16,9 @@ import argparse
 import runpy
 import sys
 
+from .loading.block import ep_zero3_compat
+from .training.groups_scope import supply_deepspeed_groups
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ep_ds_shim.run", description=__doc__,
@@ -24,8 +27,6 @@ def main(argv=None) -> int:
     parser.add_argument("script", help="the Python script to run")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
     args = parser.parse_args(argv)
-
-    from . import ep_zero3_compat, supply_deepspeed_groups
 
     sys.argv = [args.script, *args.script_args]
     with ep_zero3_compat(allow_unverified=args.allow_unverified, translate_legacy_spelling=True), supply_deepspeed_groups():

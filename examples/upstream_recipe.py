@@ -1,4 +1,4 @@
-# The workflow of upstream transformers PR #45548 (DESIGN §1), kept unmodified: no ep_ds_shim import.
+# The workflow of upstream transformers PR #45548 (docs/design.md, "The user's workflow"), kept unmodified: no ep_ds_shim import.
 # Run it as is to see the released failure, or with zero edits through the shim:
 #   torchrun --nproc_per_node 2 -m ep_ds_shim.run examples/upstream_recipe.py <checkpoint>
 import sys

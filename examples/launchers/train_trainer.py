@@ -4,7 +4,7 @@
     deepspeed --num_gpus 8 examples/launchers/train_trainer.py --device cuda --model-dir <ckpt>
 
 `TrainingArguments(deepspeed=...)` signals ZeRO-3, so the model is loaded inside `ep_zero3_compat()` after it.
-`ep_ds_shim.hf_trainer.EPTrainer` feeds every rank of an EP group the same batches and hands the Trainer's
+`ep_ds_shim.EPTrainer` feeds every rank of an EP group the same batches and hands the Trainer's
 `deepspeed.initialize` the DP x EP groups. The reference is the same few steps in a plain single-process run
 (a subprocess of rank 0, before anything distributed starts); losses are compared step by step.
 """
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM
 
     import ep_ds_shim
-    from ep_ds_shim.hf_trainer import EPTrainer
+    from ep_ds_shim import EPTrainer
 
     deepspeed.init_distributed(dist_backend="nccl" if args.device == "cuda" else "gloo")
     layout = ep_ds_shim.DPxEPLayout(args.ep_size or dist.get_world_size())

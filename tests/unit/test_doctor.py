@@ -1,4 +1,5 @@
-"""`python -m ep_ds_shim doctor`: real subprocess for the happy path, a simulated old release for refusal."""
+"""`python -m ep_ds_shim doctor`: real subprocesses for the happy path and for broken installs (a package that
+fails to import is simulated by a module of that name earlier on the path), simulated releases for refusals."""
 
 from __future__ import annotations
 
@@ -6,40 +7,75 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import ep_ds_shim.__main__ as doctor
+import ep_ds_shim.doctor as doctor
+from ep_ds_shim.__main__ import main as cli
 
-REPO = Path(__file__).resolve().parents[2]
+
+def run_doctor(*args, env=None, cwd=None):
+    environment = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "ep_ds_shim", "doctor", *args], capture_output=True, text=True,
+                          env=environment, cwd=cwd)
 
 
 def test_doctor_json_on_this_machine():
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": "0", "WORLD_SIZE": "1"}
-    out = subprocess.run([sys.executable, "-m", "ep_ds_shim", "doctor", "--json"], capture_output=True, text=True,
-                         env=env, cwd=REPO)
+    out = run_doctor("--json")
     report = json.loads(out.stdout)
     assert out.returncode == (0 if report["ok"] else 1)
     assert report["versions"]["transformers"] and report["versions"]["torch"]
+    assert report["imports"] == {name: "ok" for name in report["imports"]}
     assert report["transformers_supported"] is True
-    assert {g["gate"] for g in report["gates"]} >= {
+    roles = {check["role"] for check in report["checks"]}
+    assert roles >= {"entry", "gate", "question"}
+    assert {check["point"] for check in report["checks"] if check["role"] == "gate"} == {
         "get_init_context", "check_and_set_device_map", "_load_pretrained_model",
         "_move_missing_keys_from_meta_to_device", "_initialize_missing_keys"}
-    assert all(g["ok"] for g in report["gates"])
+    assert all(check["ok"] for check in report["checks"])
     assert report["ep_spelling"]
     assert report["zero3_signalled"] is False
     assert report["distributed"]["environment"]["WORLD_SIZE"] == "1"
 
 
-def test_doctor_human_output_and_refusal(monkeypatch, capsys):
-    import transformers
+def _broken(tmp_path, name: str):
+    """A directory that, first on PYTHONPATH, makes `import name` fail the way a broken install does."""
+    package = tmp_path / name
+    package.mkdir()
+    (package / "__init__.py").write_text("raise ImportError('simulated broken install of " + name + "')\n")
+    return str(tmp_path)
 
-    assert doctor.main(["doctor"]) in (0, 1)
-    human = capsys.readouterr().out
-    assert "transformers release supported: yes" in human and "check get_init_context" in human
-    monkeypatch.setattr(transformers, "__version__", "5.4.0")
+
+def test_broken_dependencies_get_one_line_and_exit_1(tmp_path):
+    for name in ("deepspeed", "transformers", "wrapt", "torch"):
+        root = tmp_path / name
+        root.mkdir()
+        out = run_doctor(env={"PYTHONPATH": os.pathsep.join([_broken(root, name), os.environ.get("PYTHONPATH", "")])},
+                         cwd=tmp_path)
+        assert out.returncode == 1, (name, out.stdout, out.stderr)
+        assert "Traceback" not in out.stdout + out.stderr, (name, out.stderr)
+        assert f"simulated broken install of {name}" in out.stdout, (name, out.stdout)
+        assert "result: OK" not in out.stdout
+        lines = [line for line in out.stdout.splitlines() if f"simulated broken install of {name}" in line]
+        assert len(lines) == 2, lines  # the imports line and the problem, each once
+
+
+def test_unverified_release_still_shows_every_check_and_the_spelling(monkeypatch, capsys):
     real_version = doctor._version
-    monkeypatch.setattr(doctor, "_version", lambda name: "5.4.0" if name == "transformers" else real_version(name))
-    assert doctor.main(["doctor", "--json"]) == 1
+    monkeypatch.setattr(doctor, "_version", lambda name: "5.99.0" if name == "transformers" else real_version(name))
+    assert cli(["doctor", "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["transformers_supported"] is False
-    assert any("broken upstream" in p for p in report["problems"])
+    assert report["checks"] and all(check["ok"] for check in report["checks"])  # the shape checks still ran
+    assert report["ep_spelling"]
+    [problem] = report["problems"]
+    assert "5.99.0" in problem["problem"] and "newer than" in problem["problem"]
+    assert "ep_ds_shim verify" in problem["what_to_do"] and "EP_DS_SHIM_ALLOW_UNVERIFIED" in problem["what_to_do"]
+
+
+def test_refused_release_names_the_reason_and_still_checks(monkeypatch, capsys):
+    real_version = doctor._version
+    monkeypatch.setattr(doctor, "_version", lambda name: "5.4.0" if name == "transformers" else real_version(name))
+    assert cli(["doctor"]) == 1
+    human = capsys.readouterr().out
+    assert "transformers release verified: NO" in human and "broken upstream" in human
+    assert "check gate" in human and "strategy: none" in human
+    assert human.count("broken upstream") == 1

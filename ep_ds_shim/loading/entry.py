@@ -1,0 +1,103 @@
+"""The `from_pretrained` scope: decide whether a load is an EP load, check it before any collective runs, and hand
+the loaded model to the training side's record.
+
+`from_pretrained` is the only place that sees `distributed_config` / `device_mesh`; the gates below it are
+called positionally. So the entry wrapper records the request in a ContextVar (`state.current_load`) and the
+gates read it from there.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from transformers.distributed import DistributedConfig
+from transformers.integrations import deepspeed as hf_deepspeed
+
+from ..distributed import world_size
+from ..errors import EPRequestError
+from ..log import logger
+from ..patching.targets import Target
+from ..releases.ep_request import ep_from_pretrained_kwargs
+from ..releases.lines import ReleaseLine, release_line_for
+from ..training import adoption, agreement
+from .legacy_spelling import legacy_flag_without_ep, message
+from .loaded_model import check_loaded_model
+from .request import model_source, validate_request
+from .state import LoadRecord, loading, translating_legacy_spelling
+from .zero3_question import zero3_signalled
+from ..releases.support import transformers_version
+
+TARGET = Target(
+    "transformers.modeling_utils:PreTrainedModel",
+    "from_pretrained",
+    "classmethod",
+    leading_params=("cls", "pretrained_model_name_or_path", "model_args"),
+)
+NAME = "from_pretrained"
+
+
+def _normalised(distributed_config):
+    """A `distributed_config` given as a dict, as the `DistributedConfig` transformers will build from it."""
+    if isinstance(distributed_config, dict):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its own FutureWarning is transformers' to give, when it builds it
+            return DistributedConfig.from_dict(distributed_config)
+    return distributed_config
+
+
+def from_pretrained(wrapped, cls, args, kwargs):
+    """The entry wrapper (wrapt signature; `cls` is the class the classmethod was called on)."""
+    line = release_line_for(transformers_version())
+    requested = _normalised(kwargs.get("distributed_config"))
+    legacy = line.legacy_flag_silently_off and legacy_flag_without_ep(requested)
+    if legacy and translating_legacy_spelling():
+        kwargs = _translated_legacy_spelling(cls, args, kwargs)
+        requested = _normalised(kwargs.get("distributed_config"))
+        legacy = False
+    ep_size = line.spelling.requested_ep_size(requested, kwargs)
+    record = LoadRecord(cls.__name__, ep_size, zero3_signalled())
+    if legacy:
+        if record.zero3:
+            raise EPRequestError(message("is refused under ZeRO-3"))
+        warnings.warn(message("loads WITHOUT expert parallelism"), UserWarning, stacklevel=3)
+    if ep_size is None or ep_size < 2:
+        with loading(record):
+            return wrapped(*args, **kwargs)
+
+    validate_request(cls, args, kwargs, ep_size, line)
+    # Before any collective of the load: every rank must ask for the same load, or all of them hear why.
+    agreement.check_load_request(cls.__name__, ep_size, kwargs)
+    with loading(record):
+        result = wrapped(*args, **kwargs)
+    model = result[0] if isinstance(result, tuple) else result
+    _after_ep_load(model, record, line)
+    return result
+
+
+def _after_ep_load(model, record: LoadRecord, line: ReleaseLine) -> None:
+    check_loaded_model(model, record.ep_size)
+    adoption.record_ep_load(model, record.ep_size, line)
+    if hf_deepspeed.deepspeed_config() is not None:
+        # DeepSpeed is signalled (any ZeRO stage): it will take this model, so make it DeepSpeed-ready now and arm
+        # the first-forward guard, which also catches the upstream recipe (no DP x EP groups). Without DeepSpeed
+        # signalled the model stays exactly what transformers returned until the library hands it to DeepSpeed.
+        adoption.make_deepspeed_ready(model)
+    where = "under ZeRO-3 took the standard path at: " + (", ".join(record.gates_taken) or "no gate") if record.zero3 \
+        else "(ZeRO-3 not signalled)"
+    logger.info(f"ep_ds_shim: EP load of {record.model_class} (ep_size={record.ep_size}) {where}")
+
+
+def _translated_legacy_spelling(cls, args, kwargs) -> dict:
+    """The call's legacy `DistributedConfig(enable_expert_parallel=True)` (+ `device_mesh`), which this release
+    would load without EP, rewritten to this release's EP spelling (unchanged when there is no EP to ask for)."""
+    mesh = kwargs.get("device_mesh")
+    ep_size = mesh.size() if mesh is not None else world_size()
+    if not ep_size or ep_size < 2:
+        return kwargs
+    translated = {k: v for k, v in kwargs.items() if k not in ("distributed_config", "device_mesh", "tp_size", "tp_plan")}
+    translated.update(ep_from_pretrained_kwargs(model_source(args, kwargs), ep_size, model_class=cls))
+    logger.info(
+        f"ep_ds_shim: translated DistributedConfig(enable_expert_parallel=True) to this release's EP spelling "
+        f"(ep_size={ep_size}), which would otherwise load {cls.__name__} without expert parallelism."
+    )
+    return translated

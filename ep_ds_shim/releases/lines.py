@@ -1,0 +1,62 @@
+"""Runs of transformers releases the shim handles alike (`ReleaseLine`), and which one the installed release is on.
+
+A line says how its releases spell an EP request (`releases/spelling.py`) and what they need on top. Which
+releases are *verified* is `releases/support.py`; a line can cover releases newer than the verified range, so an
+opted-in newer release uses the newest line's strategy (its shape checks still run).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from ..errors import UnsupportedReleaseError
+from .spelling import EpSizeWithReplicatePlan, EPSpelling, FlagWithDeviceMesh, FlagWithTpSize
+from .support import refusal_for, support_hint
+
+
+@dataclass(frozen=True)
+class ReleaseLine:
+    """A run of releases the shim handles alike: how they spell an EP request, and what they need on top."""
+
+    name: str
+    releases: SpecifierSet
+    spelling: EPSpelling
+    # A DP x EP load (world > ep) reaches its EP sub-group through the release's own mesh, sized by
+    # loading/replica_mesh.py; without it, world > ep is refused with a clear error.
+    replica_mesh: bool = False
+    # DistributedConfig(enable_expert_parallel=True) alone resolves to ep_size=1 (EP silently off).
+    legacy_flag_silently_off: bool = False
+    # The experts' EP hook all-reduces their output only while the expert weights are DTensors
+    # (`MoeExpertsParallel.transform_output_post_forward`); once they are local tensors for DeepSpeed, the shim
+    # attaches that same all-reduce to the experts module (training/adoption.py).
+    expert_output_reduce_needs_dtensors: bool = False
+
+
+RELEASE_LINES = (
+    # plain-tensor expert shards; a DP x EP load over device_mesh=mesh["ep"] works upstream, but training is
+    # refused on these releases (UPSTREAM_TRAINING_DEFECTS) and the shim has not verified it, so world > ep is
+    # refused.
+    ReleaseLine("5.6-5.14", SpecifierSet(">=5.6.0,<5.15"), FlagWithDeviceMesh()),
+    # DistributedMixin; the flag alone raises TypeError; DTensor experts from 5.16
+    ReleaseLine("5.15-5.18", SpecifierSet(">=5.15.0,<5.19"), FlagWithTpSize(), expert_output_reduce_needs_dtensors=True),
+    # ep_size and a mesh manager; with tp_size=N the flag also empties the TP plan (dense layers stay whole)
+    ReleaseLine("5.20-5.22", SpecifierSet(">=5.20.0,<5.23"), FlagWithTpSize(), legacy_flag_silently_off=True),
+    ReleaseLine("5.23+", SpecifierSet(">=5.23.0"), EpSizeWithReplicatePlan(), replica_mesh=True,
+                legacy_flag_silently_off=True),
+)
+
+
+def release_line_for(version: str) -> ReleaseLine:
+    """The line whose strategy applies to `version`; a refused release raises its reason. Says nothing about
+    whether `version` is verified (`support.check_transformers` does)."""
+    refusal = refusal_for(version)
+    if refusal is not None:
+        raise UnsupportedReleaseError(f"transformers {version} is not supported by ep-ds-shim: {refusal}. {support_hint()}")
+    parsed = Version(version)
+    for line in RELEASE_LINES:
+        if parsed in line.releases:
+            return line
+    raise UnsupportedReleaseError(f"transformers {version}: no strategy covers it. {support_hint()}")

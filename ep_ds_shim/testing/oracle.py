@@ -1,0 +1,93 @@
+"""The correctness oracle: a single-process model loaded from the same checkpoint (docs/design.md, "The oracle").
+
+DeepSpeed averages gradients over its data-parallel group, so for dp replicas fed batches b_0..b_{dp-1} the
+reference loss is their mean. Gradient clipping (DeepSpeed's default is 1.0) and AdamW are applied exactly as
+DeepSpeed applies them.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+OPTIMIZER = dict(lr=1e-3, eps=1e-4, weight_decay=0.01)
+"""AdamW settings for parity checks. Adam's first step divides each gradient by its own magnitude, so with the
+default eps=1e-8 a gradient of 1e-9 and one of 2e-9 move a weight by very different amounts: float noise in
+tiny gradients would decide the result. eps=1e-4 keeps the step smooth in the gradient while still being a
+real Adam step for every gradient above ~1e-4."""
+
+
+def batch_for(dp_rank: int, *, vocab_size: int = 128, batch: int = 2, seq: int = 8, seed: int = 1234):
+    """The batch data-parallel replica `dp_rank` trains on (every rank of its EP group gets the same one)."""
+    generator = torch.Generator().manual_seed(seed + dp_rank)
+    return torch.randint(0, vocab_size, (batch, seq), generator=generator)
+
+
+def reference_step(path, batches, *, clip: float = 1.0, optimizer=OPTIMIZER):
+    """One training step of a single-process model on the mean loss of `batches`.
+
+    Returns logits and loss per batch (before the step), every gradient (before clipping) and every
+    parameter after one AdamW step, keyed by parameter name.
+    """
+    if is_deepspeed_zero3_enabled():
+        raise RuntimeError("compute the reference before ZeRO-3 is signalled (HfDeepSpeedConfig alive)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.train()
+    outputs = [model(input_ids=b, labels=b) for b in batches]
+    loss = sum(o.loss for o in outputs) / len(outputs)
+    loss.backward()
+    # Gradients as DeepSpeed reports them after backward (before the step clips them).
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()])))
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    torch.optim.AdamW(model.parameters(), **optimizer).step()
+    return {
+        "logits": [o.logits.detach() for o in outputs],
+        "loss": [o.loss.item() for o in outputs],
+        "grads": grads,
+        "grad_norm": grad_norm,
+        "params": {name: p.detach().clone() for name, p in model.named_parameters()},
+    }
+
+
+def expert_slice(reference: torch.Tensor, local_shape, ep_rank: int):
+    """The part of a full expert tensor that EP rank `ep_rank` holds (experts split evenly on dim 0)."""
+    rows = local_shape[0]
+    if tuple(reference.shape) == tuple(local_shape):
+        return reference
+    return reference[ep_rank * rows : (ep_rank + 1) * rows]
+
+
+def max_abs_diffs(local: dict, reference: dict, ep_rank: int) -> dict[str, float]:
+    """Per-name max |local - reference| (expert tensors compared with this rank's slice)."""
+    out = {}
+    for name, value in local.items():
+        ref = expert_slice(reference[name], value.shape, ep_rank)
+        out[name] = float((value.float() - ref.float()).abs().max()) if value.numel() else 0.0
+    return out
+
+
+def compare_step(engine, layout, ref, *, logits, loss, grads=None, tolerance: float = 1e-5) -> dict:
+    """Compare one DeepSpeed step of this rank with the single-process `ref` (from `reference_step`).
+
+    Call after `engine.step()`: reads every weight (DeepSpeed's fp32 master copy) and the global gradient norm
+    DeepSpeed computed for clipping. `grads`, if given, are this rank's full gradients read before the step.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param  # DeepSpeed is only needed once an engine exists
+
+    params = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
+    result = {
+        "loss": abs(float(loss) - ref["loss"][layout.dp_rank]),
+        "logits": float((logits.detach().float() - ref["logits"][layout.dp_rank]).abs().max()),
+        "params": max(max_abs_diffs(params, ref["params"], layout.ep_rank).values()),
+    }
+    norm = engine.get_global_grad_norm()
+    if norm is not None:
+        result["grad_norm"] = abs(float(norm) - ref["grad_norm"])
+    if grads is not None:
+        result["grads"] = max(max_abs_diffs(grads, ref["grads"], layout.ep_rank).values())
+    result["ok"] = all(value <= tolerance * (1 if key != "grad_norm" else max(1.0, ref["grad_norm"]))
+                       for key, value in result.items())
+    return result

@@ -1,0 +1,122 @@
+"""Recording an EP model at load, and making it something DeepSpeed can train correctly.
+
+ZeRO assumes every rank of its data-parallel group holds a replica: `deepspeed.initialize` broadcasts rank 0's
+parameters and averages gradients over that group. An EP model's ranks hold *different* experts, so DeepSpeed
+must only ever see same-expert ranks as replicas (the DP x EP groups, `layout.py`), and the model must be in a
+form DeepSpeed accepts (docs/design.md, "Training"). This module does the second part:
+
+- `record_ep_load` (end of every EP load inside the block): which EP group the rank is in, and fingerprints of
+  its expert shards as loaded, so an overwritten shard can be caught later.
+- `make_deepspeed_ready` (when DeepSpeed is signalled at load, or when the library hands the model to DeepSpeed):
+  DTensor parameters become plain local Parameters (DeepSpeed can neither swap nor broadcast DTensors; the EP
+  forward hooks work the same on local tensors), expert weights are marked ``model_parallel`` so DeepSpeed's
+  gradient norm counts each shard once, and a one-shot guard is armed on the first forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor, Replicate
+
+from .. import experts
+from ..errors import EpShimError
+from ..log import logger
+from ..releases.support import training_defect, transformers_version
+from . import guard
+from .record import RECORD_ATTR, EPModelRecord, record_of, unwrap
+
+try:  # only the 5.17-5.18 EP hook needs it (see `_reduce_expert_outputs`)
+    from transformers.distributed.tensor_parallel import _AllReduceForward
+except ImportError:
+    _AllReduceForward = None
+
+
+def record_ep_load(model, ep_size: int, line) -> EPModelRecord:
+    expert_params = experts.expert_parameters(model)
+    record = EPModelRecord(ep_size, _ep_ranks(model, expert_params), line, experts.fingerprints(expert_params))
+    model.__dict__[RECORD_ATTR] = record
+    return record
+
+
+def _ep_ranks(model, expert_params) -> tuple[int, ...]:
+    """Global ranks of this rank's EP group, read from where this release keeps the EP mesh."""
+    for param in expert_params.values():
+        mesh = getattr(param, "device_mesh", None)
+        if mesh is not None:
+            return tuple(int(rank) for rank in mesh.mesh.flatten().tolist())
+    manager = getattr(model, "_mesh_manager", None)
+    if manager is not None:
+        return tuple(int(rank) for rank in manager.get_mesh("ep").mesh.flatten().tolist())
+    mesh = getattr(model, "_device_mesh", None)
+    if mesh is not None:
+        if mesh.ndim > 1 and "tp" in (mesh.mesh_dim_names or ()):
+            mesh = mesh["tp"]
+        return tuple(int(rank) for rank in mesh.mesh.flatten().tolist())
+    raise EpShimError(f"{type(model).__name__}: cannot find the expert-parallel mesh after the EP load")
+
+
+def make_deepspeed_ready(model_or_engine) -> EPModelRecord:
+    """Idempotent: the first call converts the model in place; later calls return its record."""
+    model = unwrap(model_or_engine)
+    record = record_of(model)
+    if record.deepspeed_ready:
+        return record
+    converted = _localise_dtensors(model)
+    if converted and record.line.expert_output_reduce_needs_dtensors:
+        _reduce_expert_outputs(converted)
+    for param in experts.expert_parameters(model).values():
+        # DeepSpeed's marker for "differs across the model-parallel group": its gradient norm then sums this
+        # weight over the EP group while counting dense weights once.
+        param.model_parallel = True
+    record.deepspeed_ready = True
+    reason = training_defect(transformers_version())
+    if reason is not None:
+        logger.warning(f"ep_ds_shim: loaded for inference only. {reason}; DeepSpeed training will be refused.")
+    guard.arm(model, record)
+    return record
+
+
+def _localise_dtensors(model) -> dict:
+    """Replace DTensor parameters by plain Parameters holding this rank's local data.
+
+    Expert shards (`Shard(0)` on the EP mesh) and replicated dense weights become local tensors; a dense weight
+    that is *sharded* is tensor parallelism, which ZeRO cannot partition correctly, so it is refused.
+    Returns the modules whose expert weights were sharded DTensors, with their mesh.
+    """
+    converted = {}
+    for module_name, module in model.named_modules():
+        for name, param in list(module._parameters.items()):
+            if not isinstance(param, DTensor):
+                continue
+            full_name = f"{module_name}.{name}" if module_name else name
+            replicated = all(isinstance(p, Replicate) for p in param.placements)
+            if not replicated and not experts.is_expert_parameter_name(full_name):
+                raise EpShimError(
+                    f"{full_name} is tensor-parallel sharded ({param.placements}); ep-ds-shim composes DeepSpeed "
+                    "with expert parallelism only, dense layers must stay whole. Load with "
+                    "ep_ds_shim.ep_from_pretrained_kwargs(...), which maps the TP plan to 'replicate'."
+                )
+            if not replicated:
+                converted[module] = param.device_mesh
+            local = torch.nn.Parameter(param.to_local().detach(), requires_grad=param.requires_grad)
+            local.__dict__.update({k: v for k, v in param.__dict__.items() if k.startswith("_is_hf")})
+            module._parameters[name] = local
+    return converted
+
+
+def _reduce_expert_outputs(converted: dict) -> None:
+    """On releases whose EP hook all-reduces the experts' output only while their weights are DTensors, attach
+    that reduction to each converted experts module, using the release's own autograd function."""
+    if _AllReduceForward is None:
+        raise EpShimError(
+            "this release's EP hook needs DTensor expert weights to all-reduce expert outputs, and its "
+            "_AllReduceForward could not be found; the shim cannot make the experts DeepSpeed-ready. "
+            "Report it with `python -m ep_ds_shim doctor`."
+        )
+    for module, mesh in converted.items():
+        group = mesh.get_group()
+
+        def all_reduce_output(module, args, output, group=group):
+            return _AllReduceForward.apply(output, group)
+
+        module.register_forward_hook(all_reduce_output)

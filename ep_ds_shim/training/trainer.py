@@ -1,0 +1,74 @@
+"""transformers `Trainer` with an EP model under DeepSpeed.
+
+Only what differs from a data-parallel Trainer is overridden; everything else is the Trainer's own machinery:
+
+- batches: the ranks of an EP group must see the same batch. The training sampler is the layout's
+  (`layout.sampler`: sharded over data-parallel replicas); the Trainer builds its DataLoader as usual (collator,
+  column removal, workers, pinning, seeding), and accelerate's per-process re-sharding of it is made a
+  passthrough, the way the Trainer itself neutralises it for its own rank-aware `BatchRebalanceSampler`.
+- who owns parallelism: the Trainer would read the EP spelling's `tp_size` as tensor parallelism and the "sharded
+  at load time" flag as "transformers reduces gradients"; both are hidden while it sets up accelerate, because
+  DeepSpeed owns data parallelism here.
+- groups: the Trainer's `accelerator.prepare` calls `deepspeed.initialize` without an `mpu`; `train()` runs inside
+  `supply_deepspeed_groups(layout)`, which also makes a model loaded before `TrainingArguments(deepspeed=...)`
+  DeepSpeed-ready.
+
+    class MyTrainer(EPTrainerMixin, Trainer): ...
+    trainer = MyTrainer(model=model, args=args, train_dataset=ds, ep_layout=layout)
+or simply `ep_ds_shim.EPTrainer(...)`.
+"""
+
+from __future__ import annotations
+
+from torch.utils.data import DataLoader
+from transformers import Trainer
+
+from .groups_scope import supply_deepspeed_groups
+from .layout import DPxEPLayout
+
+
+class EPTrainerMixin:
+    _HIDDEN_DURING_SETUP = ("_tp_size", "_is_distributed_loading_by_transformers")
+
+    def __init__(self, *args, ep_layout: DPxEPLayout, **kwargs):
+        if not isinstance(ep_layout, DPxEPLayout):
+            raise TypeError(f"ep_layout must be a DPxEPLayout, got {type(ep_layout).__name__}")
+        self.ep_layout = ep_layout
+        model = kwargs.get("model", args[0] if args else None)
+        # What the Trainer reads at construction to decide who owns the model's parallelism. DeepSpeed owns data
+        # parallelism here, so hide them while the Trainer sets itself up:
+        # - `_tp_size`: the 5.2x EP spelling sets tp_size=ep_size with every TP rule "replicate" (dense layers are
+        #   whole), and the Trainer would configure accelerate for tensor parallelism;
+        # - `_is_distributed_loading_by_transformers`: the Trainer would skip DeepSpeed, assuming transformers
+        #   reduces gradients itself.
+        hidden = {name: vars(model)[name] for name in self._HIDDEN_DURING_SETUP if name in vars(model)}
+        for name in hidden:
+            setattr(model, name, None if name == "_tp_size" else False)
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            for name, value in hidden.items():
+                setattr(model, name, value)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        shuffle = getattr(self.args, "train_sampling_strategy", "random") != "sequential"
+        return self.ep_layout.sampler(dataset, shuffle=shuffle, seed=self.args.seed,
+                                      drop_last=self.args.dataloader_drop_last)
+
+    def get_train_dataloader(self) -> DataLoader:
+        dataloader = super().get_train_dataloader()
+        # accelerate wraps the batch sampler to shard it over all processes; the layout's sampler is already
+        # sharded over data-parallel replicas (EP ranks share batches), so that wrapper must pass batches through.
+        sharded = getattr(dataloader, "batch_sampler", None)
+        if sharded is not None and hasattr(sharded, "num_processes") and hasattr(sharded, "process_index"):
+            sharded.num_processes, sharded.process_index = 1, 0
+        return dataloader
+
+    def train(self, *args, **kwargs):
+        with supply_deepspeed_groups(self.ep_layout):
+            return super().train(*args, **kwargs)
+
+
+class EPTrainer(EPTrainerMixin, Trainer):
+    """transformers.Trainer for EP models: `EPTrainer(model=..., args=..., train_dataset=..., ep_layout=layout)`."""

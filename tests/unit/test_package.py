@@ -1,0 +1,69 @@
+"""The package's structure: every module imports on its own (no import order or cycle is needed to make it
+work), and importing it raises no warning of the package's own (the deprecated `hf_trainer` alias excepted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ep_ds_shim
+
+PACKAGE = Path(ep_ds_shim.__file__).parent
+MODULES = sorted(
+    ".".join(("ep_ds_shim", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+    for path in PACKAGE.rglob("*.py")
+)
+DEPRECATED = "ep_ds_shim.hf_trainer"
+
+# One fresh interpreter imports the third-party packages once, then forks a child per module: each child imports
+# one ep_ds_shim module into an interpreter where no ep_ds_shim module is loaded yet, with warnings raised from
+# the package's own modules turned into errors.
+_FORK_EACH = r"""
+import json, os, sys, warnings, importlib, traceback
+import torch, transformers, transformers.modeling_utils, transformers.trainer, wrapt
+results = {}
+for module in json.loads(sys.argv[1]):
+    pid = os.fork()
+    if pid == 0:
+        warnings.filterwarnings("error", module=r"ep_ds_shim(\..*)?$")
+        try:
+            importlib.import_module(module)
+            os._exit(0)
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+    results[module] = os.waitpid(pid, 0)[1]
+print(json.dumps(results))
+"""
+
+
+def test_every_module_imports_on_its_own_without_warnings():
+    modules = [m for m in MODULES if m != DEPRECATED]
+    assert len(modules) > 30, modules
+    proc = subprocess.run([sys.executable, "-c", _FORK_EACH, json.dumps(modules)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    failures = [module for module, status in results.items() if status]
+    assert not failures, (failures, proc.stderr[-4000:])
+    assert set(results) == set(modules)
+
+
+def test_deprecated_alias_warns_and_still_works():
+    proc = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", f"import {DEPRECATED}"],
+                          capture_output=True, text=True)
+    assert proc.returncode and "ep_ds_shim.EPTrainer" in proc.stderr
+    sys.modules.pop(DEPRECATED, None)
+    with pytest.warns(DeprecationWarning, match="ep_ds_shim.EPTrainer"):
+        import ep_ds_shim.hf_trainer as alias
+    assert alias.EPTrainer is ep_ds_shim.EPTrainer
+
+
+def test_public_api_resolves():
+    for name in ep_ds_shim.__all__:
+        assert getattr(ep_ds_shim, name) is not None, name
+    with pytest.raises(AttributeError):
+        ep_ds_shim.no_such_name  # noqa: B018
