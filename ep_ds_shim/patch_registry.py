@@ -3,7 +3,7 @@
 Installing, restoring, the shape checks, the doctor and the tests all read `POINTS`, so a new patch target is one
 entry here (plus the module that says what its wrapper does and why). Two blocks install from it:
 
-- `ep_zero3_compat` (scope `LOADING`): the `from_pretrained` entry, the five ZeRO-3 gates, the ZeRO-3 question in
+- `ep_zero3_compat` (scope `LOADING`): the `from_pretrained` entry, the six ZeRO-3 gates, the ZeRO-3 question in
   every namespace a gate reads it from, and the DP x EP mesh sizing;
 - `supply_deepspeed_groups` (scope `GROUPS`): `deepspeed.initialize`, for launchers that call it themselves.
 
@@ -21,7 +21,7 @@ from typing import Callable
 from .errors import TargetDriftError
 from .log import logger
 from .loading import entry, replica_mesh, zero3_question
-from .loading.gates import device_map, init_context, loader, missing_keys_init, missing_keys_to_device
+from .loading.gates import device_map, from_config, init_context, loader, missing_keys_init, missing_keys_to_device
 from .loading.gates.common import Gate, run_gate
 from .loading.state import LOADING
 from .patching.scope import PatchSet, ScopeState
@@ -31,8 +31,8 @@ from .releases.support import check_transformers, transformers_version
 from .training import supply
 from .training.state import GROUPS
 
-GATES: tuple[Gate, ...] = (init_context.GATE, device_map.GATE, loader.GATE, missing_keys_to_device.GATE,
-                           missing_keys_init.GATE)
+GATES: tuple[Gate, ...] = (init_context.GATE, from_config.GATE, device_map.GATE, loader.GATE,
+                           missing_keys_to_device.GATE, missing_keys_init.GATE)
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,6 @@ import torch.distributed as dist
 TOLERANCE = 1e-5
 
 
-def local(tensor):
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
 def main(report_path: str, *families: str) -> None:
     import deepspeed
 
@@ -51,7 +47,9 @@ def run_family(family: str, path: str) -> dict:
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     import ep_ds_shim
-    from ep_ds_shim import _install, testing
+    from ep_ds_shim import patch_registry, testing
+    from ep_ds_shim.experts import is_expert_parameter_name
+    from ep_ds_shim.experts import local_tensor as local
 
     world = dist.get_world_size()
     columns = {}
@@ -64,7 +62,7 @@ def run_family(family: str, path: str) -> dict:
         dist.barrier()
 
     def shape_checks():
-        plan = _install.make_plan()
+        plan = patch_registry.loading_plan()
         return {"problems": plan.problems, "upstream_fixed": plan.upstream_fixed, "ok": not plan.problems}
 
     record("shape_checks", shape_checks)
@@ -79,7 +77,7 @@ def run_family(family: str, path: str) -> dict:
 
     def forward():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **layout.from_pretrained_kwargs(path)).eval()
-        experts = [n for n, p in model.named_parameters() if "experts" in n.split(".")]
+        experts = [n for n, p in model.named_parameters() if is_expert_parameter_name(n)]
         sharded = all(local(p).shape[0] * world == dict(reference_model.named_parameters())[n].shape[0]
                       for n, p in model.named_parameters() if n in experts)
         with torch.no_grad():

@@ -16,9 +16,14 @@ disagree.
 
 from __future__ import annotations
 
+import copy
+
+import torch
 import torch.distributed as dist
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 from transformers.distributed import DistributedConfig
+from transformers.initialization import no_init_weights
+from transformers.modeling_utils import set_zero3_state
 
 from ..distributed import default_device_type, world_size
 
@@ -100,14 +105,19 @@ def resolve_config_and_class(model_ref, model_class=None):
 
 
 def replicate_tp_plan(model_ref, *, model_class=None) -> dict[str, str]:
-    """Every tensor-parallel rule the model would apply, mapped to "replicate" (keys as transformers 5.23
-    resolves them on `model_class`: the head's own rules, then the base model's prefixed by its attribute)."""
+    """Every tensor-parallel rule the model would apply, mapped to "replicate".
+
+    The keys are the ones transformers itself gives an *instance* of `model_class` (`PreTrainedModel.tp_plan`,
+    filled by `init_parallel_plans` in `post_init`): the head's own rules, then each sub-model's rules prefixed by
+    its attribute path (``model.`` for a causal LM, ``model.language_model.`` for a multimodal head). They are read
+    from a model built on the meta device (no memory, no weights); `set_zero3_state()` keeps the nested
+    `from_config` calls of composite models out of `zero.Init` when ZeRO-3 is already signalled.
+    """
     config, model_class = resolve_config_and_class(model_ref, model_class)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    base_rules = dict(getattr(text_config, "base_model_tp_plan", None) or {})
-    base_rules.setdefault("embed_tokens", REPLICATE)
-    head_rules = dict(getattr(model_class, "_tp_plan", None) or {})
-    prefix = getattr(model_class, "base_model_prefix", "")
-    is_base_model = AutoModel._model_mapping.get(type(config), None) is model_class
-    keys = set(head_rules) | {rule if is_base_model else f"{prefix}.{rule}" for rule in base_rules}
+    with torch.device("meta"), no_init_weights(), set_zero3_state():
+        model = model_class(copy.deepcopy(config))
+    keys = set(model.tp_plan or {})
+    if not keys:  # tp_size=N needs a non-empty plan; replicating the input embeddings changes nothing
+        embeddings = model.get_input_embeddings()
+        keys = {name for name, module in model.named_modules() if module is embeddings}
     return dict.fromkeys(sorted(keys), REPLICATE)

@@ -69,15 +69,22 @@ def max_abs_diffs(local: dict, reference: dict, ep_rank: int) -> dict[str, float
     return out
 
 
+def full_fp32(param):
+    """This rank's full fp32 value of a parameter under DeepSpeed: the ZeRO master copy, or (stage 0, no
+    mixed-precision optimizer) the parameter itself."""
+    from deepspeed.utils import safe_get_full_fp32_param  # DeepSpeed is only needed once an engine exists
+
+    full = safe_get_full_fp32_param(param)
+    return full if full is not None else param
+
+
 def compare_step(engine, layout, ref, *, logits, loss, grads=None, tolerance: float = 1e-5) -> dict:
     """Compare one DeepSpeed step of this rank with the single-process `ref` (from `reference_step`).
 
     Call after `engine.step()`: reads every weight (DeepSpeed's fp32 master copy) and the global gradient norm
     DeepSpeed computed for clipping. `grads`, if given, are this rank's full gradients read before the step.
     """
-    from deepspeed.utils import safe_get_full_fp32_param  # DeepSpeed is only needed once an engine exists
-
-    params = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
+    params = {n: full_fp32(p).detach().clone() for n, p in engine.module.named_parameters()}
     result = {
         "loss": abs(float(loss) - ref["loss"][layout.dp_rank]),
         "logits": float((logits.detach().float() - ref["logits"][layout.dp_rank]).abs().max()),

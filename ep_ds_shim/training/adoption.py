@@ -35,6 +35,7 @@ def record_ep_load(model, ep_size: int, line) -> EPModelRecord:
     expert_params = experts.expert_parameters(model)
     record = EPModelRecord(ep_size, _ep_ranks(model, expert_params), line, experts.fingerprints(expert_params))
     model.__dict__[RECORD_ATTR] = record
+    guard.attach_instance_guards(model, record)
     return record
 
 
@@ -55,13 +56,15 @@ def _ep_ranks(model, expert_params) -> tuple[int, ...]:
     raise EpShimError(f"{type(model).__name__}: cannot find the expert-parallel mesh after the EP load")
 
 
-def make_deepspeed_ready(model_or_engine) -> EPModelRecord:
-    """Idempotent: the first call converts the model in place; later calls return its record."""
+def make_deepspeed_ready(model_or_engine) -> dict:
+    """Idempotent: the first call converts the model in place. Returns {old parameter: its replacement} for the
+    DTensor parameters it replaced (an optimizer built before must be re-pointed: `repoint_optimizer`)."""
     model = unwrap(model_or_engine)
     record = record_of(model)
     if record.deepspeed_ready:
-        return record
-    converted = _localise_dtensors(model)
+        return {}
+    converted, replaced = _localise_dtensors(model)
+    guard.drop_swap_guard(model)
     if converted and record.line.expert_output_reduce_needs_dtensors:
         _reduce_expert_outputs(converted)
     for param in experts.expert_parameters(model).values():
@@ -73,17 +76,33 @@ def make_deepspeed_ready(model_or_engine) -> EPModelRecord:
     if reason is not None:
         logger.warning(f"ep_ds_shim: loaded for inference only. {reason}; DeepSpeed training will be refused.")
     guard.arm(model, record)
-    return record
+    return replaced
 
 
-def _localise_dtensors(model) -> dict:
+def repoint_optimizer(optimizer, replaced: dict) -> None:
+    """An optimizer built from the model's parameters before they were made local still holds the DTensors; point
+    its parameter groups at their replacements (nothing else changes: no state exists before the first step)."""
+    if optimizer is None or not replaced or not hasattr(optimizer, "param_groups"):
+        return
+    stale = [p for p in getattr(optimizer, "state", {}) if p in replaced]
+    if stale:
+        raise EpShimError(
+            f"the optimizer already holds state for {len(stale)} of the model's DTensor parameters (it has stepped), "
+            "so it cannot be moved to the local parameters DeepSpeed needs. Build the optimizer after "
+            "ep_ds_shim.initialize / supply_deepspeed_groups has made the model DeepSpeed-ready, or before any step."
+        )
+    for group in optimizer.param_groups:
+        group["params"] = [replaced.get(param, param) for param in group["params"]]
+
+
+def _localise_dtensors(model) -> tuple[dict, dict]:
     """Replace DTensor parameters by plain Parameters holding this rank's local data.
 
     Expert shards (`Shard(0)` on the EP mesh) and replicated dense weights become local tensors; a dense weight
     that is *sharded* is tensor parallelism, which ZeRO cannot partition correctly, so it is refused.
-    Returns the modules whose expert weights were sharded DTensors, with their mesh.
+    Returns the modules whose expert weights were sharded DTensors (with their mesh), and {old: new} parameters.
     """
-    converted = {}
+    converted, replaced = {}, {}
     for module_name, module in model.named_modules():
         for name, param in list(module._parameters.items()):
             if not isinstance(param, DTensor):
@@ -101,7 +120,8 @@ def _localise_dtensors(model) -> dict:
             local = torch.nn.Parameter(param.to_local().detach(), requires_grad=param.requires_grad)
             local.__dict__.update({k: v for k, v in param.__dict__.items() if k.startswith("_is_hf")})
             module._parameters[name] = local
-    return converted
+            replaced[param] = local
+    return converted, replaced
 
 
 def _reduce_expert_outputs(converted: dict) -> None:

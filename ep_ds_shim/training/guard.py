@@ -1,12 +1,23 @@
 """Catching DeepSpeed set-ups that would train an EP model silently wrong, before they change anything.
 
+Every EP model loaded inside the block carries two instance-level guards (set in its own ``__dict__``; no class
+is patched, and without DeepSpeed they change nothing):
+
+- `set_deepspeed_parallelism`: DeepSpeed's own per-module hook, which `deepspeed.initialize` calls on every module
+  that has it, at every ZeRO stage, after it has chosen its groups and before it broadcasts or partitions anything
+  (docs/design.md, "What DeepSpeed does to the model"). It refuses, on every rank, a data-parallel group that mixes
+  ranks holding different experts (the upstream recipe without `mpu`) or a model-parallel group that is not the EP
+  group, and a model that was never made DeepSpeed-ready.
+- `to`: only while the expert weights are still DTensors (the model as transformers returned it), DeepSpeed's
+  `module.to(device)` fails with an opaque "Couldn't swap" error; the guard re-raises it as a clear one.
+
+Then, as a second line:
+
 - `check_deepspeed_groups`: ZeRO-3 partitions a parameter over a group that mixes ranks holding different experts,
   or DeepSpeed's model-parallel group is not the EP group (local check, no collective).
-- `verify_expert_integrity`: every rank's expert shards still equal what it loaded (a cross-rank check): catches
-  DeepSpeed's initial broadcast from rank 0 over the wrong data-parallel group, at any ZeRO stage.
-- the first-forward guard (armed by `adoption.make_deepspeed_ready`): runs both before the first forward of a
-  model DeepSpeed may have taken without the library (e.g. `deepspeed.initialize` without `mpu`), so the
-  upstream recipe is refused on every rank before any backward or optimizer step; and refuses training forwards
+- `verify_expert_integrity`: every rank's expert shards still equal what it loaded (a cross-rank check).
+- the first-forward guard (armed by `adoption.make_deepspeed_ready`): runs both before the first forward, and the
+  first training forward, of a model the library did not hand to DeepSpeed itself; and refuses training forwards
   on releases whose EP backward is wrong upstream.
 """
 
@@ -14,13 +25,15 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import weakref
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from .. import experts
 from ..distributed import exchange, initialised
-from ..errors import DeepSpeedGroupsError, ExpertIntegrityError
+from ..errors import DeepSpeedGroupsError, EpShimError, ExpertIntegrityError
 from ..releases.support import refuse_training_if_defective, transformers_version
 from .record import EPModelRecord, record_of, unwrap
 
@@ -29,6 +42,82 @@ WHAT_TO_PASS = (
     "`ep_ds_shim.initialize(model=..., layout=layout, ...)` (or `deepspeed.initialize(..., mpu=layout.mpu())`), or "
     "wrap the launcher's call in `ep_ds_shim.supply_deepspeed_groups(layout)`."
 )
+
+
+HANDOVER_HINT = (
+    "Hand EP models to DeepSpeed through the library: `ep_ds_shim.initialize(model=..., layout=layout, ...)`, "
+    "`with ep_ds_shim.supply_deepspeed_groups(layout): accelerator.prepare(...)`, or `ep_ds_shim.EPTrainer`; it "
+    "makes the model DeepSpeed-ready and supplies the DP x EP groups."
+)
+
+
+class DeepSpeedGroupsCheck:
+    """DeepSpeed's `set_deepspeed_parallelism` hook on an EP model: refuses groups that would be silently wrong."""
+
+    def __init__(self, record: EPModelRecord):
+        self.record = record
+
+    def __call__(self, *args, **kwargs) -> None:
+        if not self.record.deepspeed_ready:
+            raise DeepSpeedGroupsError(
+                "deepspeed.initialize was given an EP model as transformers returned it (DTensor expert weights, no "
+                f"DP x EP groups). {HANDOVER_HINT}"
+            )
+        groups = _deepspeed_groups()
+        rank = dist.get_rank()
+        peers = set(self.record.ep_ranks) - {rank}
+        data_parallel = sorted(dist.get_process_group_ranks(groups._get_sequence_data_parallel_group()))
+        mixed = sorted(set(data_parallel) & peers)
+        if mixed:
+            raise DeepSpeedGroupsError(
+                f"deepspeed.initialize would use data-parallel group {data_parallel}, which includes {mixed}: ranks of "
+                f"this rank's expert-parallel group {list(self.record.ep_ranks)} that hold *different* experts. It "
+                "would broadcast one rank's experts over the others and average unrelated gradients (nothing has "
+                f"been changed yet). {WHAT_TO_PASS}"
+            )
+        mpu = getattr(groups, "mpu", None)
+        if self.record.ep_size > 1:
+            mp_ranks = sorted(dist.get_process_group_ranks(mpu.get_model_parallel_group())) if mpu else [rank]
+            if mp_ranks != sorted(self.record.ep_ranks):
+                raise DeepSpeedGroupsError(
+                    f"DeepSpeed's model-parallel group is {mp_ranks}, but this rank's expert-parallel group is "
+                    f"{list(self.record.ep_ranks)}: the gradient norm (gradient clipping is on by default) would differ "
+                    f"between EP ranks and dense weights would drift apart. {WHAT_TO_PASS}"
+                )
+
+
+class ClearSwapError:
+    """`model.to` while the expert weights are DTensors: the model's own `to`, with DeepSpeed's opaque failure on
+    DTensors ("Couldn't swap ...: Cannot swap t1 because it has weakref") re-raised as a clear error."""
+
+    def __init__(self, model):
+        self.model = weakref.ref(model)
+
+    def __call__(self, *args, **kwargs):
+        model = self.model()
+        try:
+            return type(model).to(model, *args, **kwargs)
+        except RuntimeError as error:
+            if "Couldn't swap" not in str(error):
+                raise
+            raise EpShimError(
+                f"{type(model).__name__}.to() failed on its DTensor expert weights ({error}). That is what "
+                "deepspeed.initialize does with an EP model as transformers returned it; DeepSpeed cannot take DTensor "
+                f"weights and needs the DP x EP groups. {HANDOVER_HINT}"
+            ) from error
+
+
+def attach_instance_guards(model, record: EPModelRecord) -> None:
+    """At the end of an EP load inside the block (see the module docstring)."""
+    model.__dict__["set_deepspeed_parallelism"] = DeepSpeedGroupsCheck(record)
+    if any(isinstance(param, DTensor) for param in model.parameters()):
+        model.__dict__["to"] = ClearSwapError(model)
+
+
+def drop_swap_guard(model) -> None:
+    """Once the weights are local tensors, `to` is the model's own again."""
+    if isinstance(model.__dict__.get("to"), ClearSwapError):
+        del model.__dict__["to"]
 
 
 def arm(model, record: EPModelRecord) -> None:

@@ -19,7 +19,7 @@ import os
 from ..errors import DeepSpeedGroupsError
 from ..releases.support import check_deepspeed, refuse_training_if_defective, transformers_version
 from . import agreement, engine_paths, guard
-from .adoption import make_deepspeed_ready
+from .adoption import make_deepspeed_ready, repoint_optimizer
 from .layout import DPxEPLayout
 from .record import EPModelRecord, record_of
 
@@ -51,8 +51,10 @@ def zero_stage_of(config) -> int | None:
     return None
 
 
-def before(model, layout: DPxEPLayout | None, config, *, allow_unverified: bool = False) -> DPxEPLayout:
-    """Everything checked and prepared before `deepspeed.initialize` runs; returns the layout to pass as `mpu`."""
+def before(model, layout: DPxEPLayout | None, config, *, optimizer=None, allow_unverified: bool = False) -> DPxEPLayout:
+    """Everything checked and prepared before `deepspeed.initialize` runs; returns the layout to pass as `mpu`.
+    An `optimizer` built from the model's parameters is re-pointed at them if making the model DeepSpeed-ready
+    replaced any."""
     import deepspeed  # the DeepSpeed side needs it; loading alone does not
 
     check_deepspeed(getattr(deepspeed, "__version__", None), allow_unverified=allow_unverified)
@@ -61,7 +63,7 @@ def before(model, layout: DPxEPLayout | None, config, *, allow_unverified: bool 
     layout = layout_for(record, layout)
     stage = zero_stage_of(config)
     agreement.check_before_deepspeed(model, layout, stage)
-    make_deepspeed_ready(model)
+    repoint_optimizer(optimizer, make_deepspeed_ready(model))
     record.layout, record.zero_stage = layout, stage
     return layout
 
@@ -102,7 +104,7 @@ def initialize(*, model, layout, config, optimizer=None, allow_unverified: bool 
         raise TypeError("ep_ds_shim.initialize supplies mpu from the layout; do not pass it")
     if not isinstance(layout, DPxEPLayout):
         raise TypeError(f"layout must be a DPxEPLayout, got {type(layout).__name__}")
-    layout = before(model, layout, config, allow_unverified=allow_unverified)
+    layout = before(model, layout, config, optimizer=optimizer, allow_unverified=allow_unverified)
     result = deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=layout.mpu(), **kwargs)
     after(result[0])
     return result

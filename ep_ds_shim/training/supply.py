@@ -28,7 +28,7 @@ def supply_groups(wrapped, instance, args, kwargs):
         return wrapped(*args, **kwargs)
     arguments = dict(bound.arguments)
     config_key = "config" if arguments.get("config") is not None else "config_params"
-    layout = handover.before(model, GROUPS.innermost(), arguments.get(config_key))
+    layout = handover.before(model, GROUPS.innermost(), arguments.get(config_key), optimizer=arguments.get("optimizer"))
     arguments["mpu"] = layout.mpu()
     if arguments.get(config_key) is not None:
         arguments[config_key] = handover.restate_batch_size(arguments[config_key], layout)

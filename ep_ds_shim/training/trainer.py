@@ -23,6 +23,7 @@ from __future__ import annotations
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
+from .adoption import make_deepspeed_ready
 from .groups_scope import supply_deepspeed_groups
 from .layout import DPxEPLayout
 
@@ -49,6 +50,10 @@ class EPTrainerMixin:
         finally:
             for name, value in hidden.items():
                 setattr(model, name, value)
+        if getattr(self, "is_deepspeed_enabled", False):
+            # Before the Trainer builds its optimizer from the model's parameters: a model loaded before
+            # TrainingArguments(deepspeed=...) signalled DeepSpeed is still as transformers returned it.
+            make_deepspeed_ready(model)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset

@@ -28,7 +28,7 @@ def test_doctor_json_on_this_machine():
     roles = {check["role"] for check in report["checks"]}
     assert roles >= {"entry", "gate", "question"}
     assert {check["point"] for check in report["checks"] if check["role"] == "gate"} == {
-        "get_init_context", "check_and_set_device_map", "_load_pretrained_model",
+        "get_init_context", "_from_config", "check_and_set_device_map", "_load_pretrained_model",
         "_move_missing_keys_from_meta_to_device", "_initialize_missing_keys"}
     assert all(check["ok"] for check in report["checks"])
     assert report["ep_spelling"]

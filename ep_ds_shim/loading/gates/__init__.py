@@ -1,4 +1,4 @@
-"""The five ZeRO-3 gates inside `from_pretrained`, one module each.
+"""The six ZeRO-3 gates inside `from_pretrained`, one module each.
 
 Every gate is a transformers function that branches on `is_deepspeed_zero3_enabled()`. For an EP load while
 ZeRO-3 is signalled, the shim makes that question answer False for the duration of the gated call only, so the

@@ -29,3 +29,8 @@ def _move_missing_keys_from_meta_to_device(self, missing_keys, device_map, devic
 
 def _initialize_missing_keys(self, is_quantized):
     return is_deepspeed_zero3_enabled() and _ep_size(self) == 1
+
+
+@classmethod
+def _from_config(cls, config, **kwargs):
+    return is_deepspeed_zero3_enabled() and _ep_size(config) == 1

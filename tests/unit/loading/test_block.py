@@ -37,11 +37,11 @@ def test_every_target_is_wrapped_inside_and_identical_after():
     with ep_ds_shim.ep_zero3_compat():
         during = snapshot()
         replaced = [key for key in before if during[key] is not before[key]]
-        # every planned point of the registry: the entry, the five gates, the mesh gate (5.23+) and the ZeRO-3
+        # every planned point of the registry: the entry, the six gates, the mesh gate (5.23+) and the ZeRO-3
         # question in each namespace a gate reads it from
         assert replaced == list(before), set(before) - set(replaced)
         assert {item.point.role for item in PLAN.items} >= {"entry", "gate", "question"}
-        assert len([item for item in PLAN.items if item.point.role == "gate"]) == 5
+        assert sorted(item.point.name for item in PLAN.items if item.point.role == "gate") == sorted(ALL_GATES)
     assert_identical(before)
 
 
@@ -212,7 +212,7 @@ def _install_fixed(monkeypatch, names):
         monkeypatch.setattr(owner, name, vars(_fixed_release)[name])
 
 
-ALL_GATES = ["get_init_context", "check_and_set_device_map", "_load_pretrained_model",
+ALL_GATES = ["get_init_context", "_from_config", "check_and_set_device_map", "_load_pretrained_model",
              "_move_missing_keys_from_meta_to_device", "_initialize_missing_keys"]
 
 
