@@ -19,6 +19,8 @@ def parse_args(argv=None, description: str = ""):
     parser.add_argument("--no-reference", action="store_true", help="skip the single-process comparison")
     parser.add_argument("--tolerance", type=float, default=1e-5)
     parser.add_argument("--json", help="write this rank's results to JSON (path may contain {rank})")
+    parser.add_argument("--load-first", action="store_true",
+                        help="load the model before DeepSpeed is signalled (Trainer / Accelerator created afterwards)")
     # the `deepspeed` launcher passes --local_rank (LOCAL_RANK is in the environment as well)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -31,14 +31,22 @@ def main(argv=None) -> int:
     import ep_ds_shim
     from ep_ds_shim import testing
 
-    accelerator = Accelerator()
-    assert is_deepspeed_zero3_enabled(), "the accelerate config must select DeepSpeed ZeRO-3"
     import torch.distributed as dist
 
-    # (accelerate reports num_processes=1 for DeepSpeed on CPU; the process group knows the real world size)
-    layout = ep_ds_shim.DPxEPLayout(args.ep_size or dist.get_world_size())
-    with ep_ds_shim.ep_zero3_compat():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **layout.from_pretrained_kwargs(path))
+    def load():
+        with ep_ds_shim.ep_zero3_compat():
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **layout.from_pretrained_kwargs(path))
+
+    if args.load_first:  # load before Accelerator() signals ZeRO-3: supply_deepspeed_groups makes it DeepSpeed-ready
+        dist.init_process_group("gloo" if args.device == "cpu" else "nccl")
+        layout = ep_ds_shim.DPxEPLayout(args.ep_size or dist.get_world_size())
+        model = load()
+    accelerator = Accelerator()
+    assert is_deepspeed_zero3_enabled(), "the accelerate config must select DeepSpeed ZeRO-3"
+    if not args.load_first:
+        # (accelerate reports num_processes=1 for DeepSpeed on CPU; the process group knows the real world size)
+        layout = ep_ds_shim.DPxEPLayout(args.ep_size or dist.get_world_size())
+        model = load()
     optimizer = torch.optim.AdamW(model.parameters(), **testing.OPTIMIZER)
     # No DataLoader goes through prepare(), so tell DeepSpeed the per-rank micro batch (accelerate's documented way).
     accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batches[0].shape[0]

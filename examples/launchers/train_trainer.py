@@ -69,6 +69,15 @@ def reference(path: str, dp_size: int, out: str) -> None:
         json.dump(losses(trainer), handle)
 
 
+def load(path, layout):
+    """The EP load, inside the block (ZeRO-3 signalled or not: the Trainer makes the model DeepSpeed-ready)."""
+    import ep_ds_shim
+    from transformers import AutoModelForCausalLM
+
+    with ep_ds_shim.ep_zero3_compat():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **layout.from_pretrained_kwargs(path))
+
+
 def main(argv=None) -> int:
     args = parse_args([a for a in (argv or sys.argv[1:]) if a != "--reference-only"], __doc__)
     from ep_ds_shim import testing
@@ -91,7 +100,6 @@ def main(argv=None) -> int:
 
     import deepspeed
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM
 
     import ep_ds_shim
     from ep_ds_shim import EPTrainer
@@ -103,10 +111,13 @@ def main(argv=None) -> int:
         "gradient_clipping": "auto", "zero_optimization": {"stage": 3}, "steps_per_print": 10**9,
     }
     with tempfile.TemporaryDirectory() as tmp:
-        training_args = training_arguments(tmp, deepspeed=ds_config)  # signals ZeRO-3
+        if args.load_first:  # the common order: load, then TrainingArguments(deepspeed=...) signals ZeRO-3
+            model = load(path, layout)
+            training_args = training_arguments(tmp, deepspeed=ds_config)
+        else:
+            training_args = training_arguments(tmp, deepspeed=ds_config)  # signals ZeRO-3
+            model = load(path, layout)
         training_args.train_sampling_strategy = "sequential"
-        with ep_ds_shim.ep_zero3_compat():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **layout.from_pretrained_kwargs(path))
         rows = dataset(model.config.vocab_size, layout.dp_size)
         trainer = EPTrainer(model=model, args=training_args, train_dataset=rows, ep_layout=layout)
         if trainer.accelerator.num_processes != dist.get_world_size():
