@@ -98,3 +98,55 @@ def compare_step(engine, layout, ref, *, logits, loss, grads=None, tolerance: fl
     result["ok"] = all(value <= tolerance * (1 if key != "grad_norm" else max(1.0, ref["grad_norm"]))
                        for key, value in result.items())
     return result
+
+
+# --- A real training run: several steps, gradient accumulation, clipping, a learning-rate schedule ----------------
+
+
+def schedule(total_steps: int, warmup: int = 2):
+    """The learning-rate multiplier both sides use: linear warm-up, then linear decay to 10%."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.1, 1.0 - 0.9 * (step - warmup) / max(1, total_steps - warmup))
+
+    return multiplier
+
+
+def run_batch(step: int, micro: int, dp_rank: int, *, grad_accum: int, dp_size: int, vocab_size: int = 128,
+              batch: int = 2, seq: int = 8):
+    """The micro-batch replica `dp_rank` trains on at (step, micro): distinct for every step, micro-step and
+    replica, identical for the ranks of an EP group."""
+    return batch_for(((step * grad_accum) + micro) * dp_size + dp_rank, vocab_size=vocab_size, batch=batch, seq=seq,
+                     seed=4321)
+
+
+def reference_run(path, *, steps: int, grad_accum: int, dp_size: int, clip: float = 1.0, optimizer=OPTIMIZER,
+                  vocab_size: int = 128) -> dict:
+    """`steps` optimizer steps of a single-process fp32 model, doing what DeepSpeed does over dp replicas with
+    gradient accumulation: per micro-step the replicas' batches together (their mean loss, equal token counts),
+    scaled by 1/grad_accum; then clipping, AdamW and the schedule. Returns the loss of every step (mean over its
+    micro-steps) and the parameters after the last one."""
+    if is_deepspeed_zero3_enabled():
+        raise RuntimeError("compute the reference before ZeRO-3 is signalled (HfDeepSpeedConfig alive)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.train()
+    adamw = torch.optim.AdamW(model.parameters(), **optimizer)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(adamw, schedule(steps))
+    losses = []
+    for step in range(steps):
+        step_loss = 0.0
+        for micro in range(grad_accum):
+            batch = torch.cat([run_batch(step, micro, d, grad_accum=grad_accum, dp_size=dp_size, vocab_size=vocab_size)
+                               for d in range(dp_size)])
+            loss = model(input_ids=batch, labels=batch).loss
+            (loss / grad_accum).backward()
+            step_loss += loss.item() / grad_accum
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        adamw.step()
+        lr_schedule.step()
+        adamw.zero_grad()
+        losses.append(step_loss)
+    return {"losses": losses, "params": {name: p.detach().clone() for name, p in model.named_parameters()}}

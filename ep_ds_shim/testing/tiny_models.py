@@ -50,8 +50,26 @@ _RANK = 16  # low-rank projections (MLA q/kv LoRA ranks, gate ranks)
 _HEAD_DIM_DIVISOR = 8  # head dims without a fixed relation to hidden_size: 128 -> 16, 64 -> 8 (rope sections fit)
 _VISION = dict(hidden_size=32, intermediate_size=64, num_heads=4, depth=2, patch_size=4, image_size=16)
 
-# Per-family settings that cannot be derived from attribute names. Keep this small; each entry says why.
-_FAMILY_OVERRIDES: dict[str, dict] = {}
+# Per-family settings that cannot be derived from attribute names. Keep this small; each entry says why. Nested
+# dicts apply to the sub-config of that name (``text_config``); a ``*`` key applies to the text config wherever it is.
+_FAMILY_OVERRIDES: dict[str, dict] = {
+    # The default config leaves layer_types None and the model indexes it per layer (upstream default is not
+    # buildable); its values ("conv" / "full_attention") cannot be guessed from the config.
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    # The default text config leaves mlp_layer_types None and the decoder indexes it per layer ("dense"/"sparse").
+    "deepseek_ocr2": {"text_config": {"mlp_layer_types": ["dense", "sparse"]}},
+    "deepseek_ocr2_text": {"mlp_layer_types": ["dense", "sparse"]},
+    # The projector maps a number of image patches to a number of queries through a dict keyed by the released
+    # patch counts (1225, 4900); a tiny 16 x 16 image with 4 x 4 patches has 16, which needs its own entry.
+    "aria": {"projector_patch_to_query_dict": {"16": 4}, "max_value_projector_patch_to_query_dict": 4},
+    # The default layer_types contain "indexed_attention" layers but the QSA indexer sizes default to None, which
+    # the indexed layers cannot be built with; the config validator requires indexer_kv_heads=1 and
+    # budget % compress_ratio == 0, and an index head at least as wide as the rotary dims.
+    "qwen4_exp": {"text_config": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 32,
+                                  "indexer_budget": 4, "indexer_compress_ratio": 2}},
+    "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 32, "indexer_budget": 4,
+                       "indexer_compress_ratio": 2},
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,6 +214,9 @@ _TOPK_KEY = re.compile(
 _SHARED_COUNT_KEY = re.compile(r"^(n|num|moe_num|moe_n)_shared_experts?$")
 _GROUP_KEY = re.compile(r"^(n_group|num_expert_group|n_expert_groups?|topk_group|topk_groups)$")
 _INDEX_LIST_KEY = re.compile(r"(layers|indexes|indices|layer_ids|_idx|_ids)$")
+# Sizes of a vision / audio tower's output, which feed the text decoder: they must equal the text hidden size.
+_TO_TEXT_HIDDEN_KEYS = ("out_hidden_size", "output_dim", "text_hidden_size", "adapter_out_dim", "out_dim",
+                        "output_hidden_size", "llm_hidden_size", "text_dim", "text_hidden_dim")
 _DENSE_PREFIX_KEY = re.compile(r"^(first_k_dense_replace|num_dense_layers|first_k_dense|n_dense_layers)$")
 
 
@@ -330,6 +351,15 @@ def _scale_sections(sections, half: int):
     return out
 
 
+def _default_sections(half: int) -> list[int]:
+    """Three mrope sections summing to `half` as [a, a, half - 2a]: families read them as (t, h, w) or as
+    (h, w, t) with h and w interleaved (which needs the first two equal)."""
+    a = max(1, (half + 2) // 3)
+    if half - 2 * a < 1:
+        a = max(1, (half - 1) // 2)
+    return [a, a, half - 2 * a]
+
+
 def _shrink_rope(rope, rotary_dim_of):
     """rope_parameters / rope_scaling: mrope sections (possibly per layer type) made to fit the tiny head dims."""
     if not isinstance(rope, dict):
@@ -415,8 +445,7 @@ class _Level:
             return value  # after the head dims are known (fix_relations)
         if _TOKEN_KEY.search(key):
             return ctx.token(value)
-        if isinstance(value, bool) or isinstance(value, str) or value is None and not _EXPERT_COUNT_KEY.match(canon) \
-                and not _TOPK_KEY.search(canon):
+        if isinstance(value, (bool, str)):
             return self.bool_rule(key, value)
         # per-layer lists (layer_types, mlp_layer_types, no_rope_layers, per-layer head counts ...)
         if sel is not None and isinstance(value, (list, tuple)) and len(value) == n_layers and n_layers > 1:
@@ -432,10 +461,22 @@ class _Level:
                 return [self.inter] * len(value)
             if "patch_size" in lowered:
                 return [min(x, _VISION["patch_size"]) for x in value]
+            if self.role != "text" and "channels" in lowered:
+                return [min(x, self.hidden) for x in value]
             return value
         if _is_int(value) or (value is None and (_EXPERT_COUNT_KEY.match(canon) or _TOPK_KEY.search(canon))):
             return self.scalar(key, canon, value, n_layers, sel)
+        if value is None and self.role == "text":
+            return self.none_rule(key, lowered)
         return value
+
+    def none_rule(self, key, lowered):
+        """Knobs a default config leaves None although the model needs them once MoE / all layer kinds are on."""
+        if _SHARED_COUNT_KEY.match(key):
+            return 1
+        if "intermediate" in lowered:
+            return self.inter
+        return None
 
     def bool_rule(self, key, value):
         if isinstance(value, bool):
@@ -505,6 +546,20 @@ class _Level:
         # widths
         if key == "hidden_size" or key in ("d_model", "n_embd"):
             return self.hidden
+        if self.role != "text" and lowered in _TO_TEXT_HIDDEN_KEYS:
+            # a tower's output width: the text hidden size, or k x a tower's hidden size (merged patches)
+            if value in self.ctx.anchors:
+                return self.ctx.anchors[value]
+            for orig, tiny in sorted(self.ctx.anchors.items(), reverse=True):
+                if value % orig == 0 and 2 <= value // orig <= 16:
+                    return tiny * (value // orig)
+            return s["hidden_size"]
+        if self.role != "text" and "channels" in lowered and lowered not in ("num_channels", "in_channels"):
+            return min(value, self.hidden)
+        if lowered in ("position_embedding_size", "max_num_patches", "num_patches"):
+            return min(value, _MAX_POSITIONS)
+        if lowered == "max_image_size":
+            return min(value, 4 * _VISION["image_size"])
         if value in self.ctx.anchors and ("size" in lowered or "dim" in lowered or "hidden" in lowered):
             return self.ctx.anchors[value]
         if any(w in lowered for w in ("intermediate", "ffn", "mlp_dim", "expert_dim", "moe_hidden", "shared_expert",
@@ -569,9 +624,15 @@ class _Level:
                     if ratio == 2 and _is_int(expand) and expand != 2:
                         continue
                     new[dk] = max(2, ratio * new[hidden_key] // new[hk])
-        # MLA: head_dim is the rope part in several families; qk_head_dim = nope + rope.
-        if _is_int(o.get("qk_rope_head_dim")) and _is_int(o.get("head_dim")) and o["head_dim"] == o["qk_rope_head_dim"]:
-            new["head_dim"] = new["qk_rope_head_dim"]
+        # head_dim None in the default config: the model reads config.head_dim, so give it hidden // heads.
+        if "head_dim" in o and o["head_dim"] is None and heads_key and hidden_key and self.role == "text":
+            new["head_dim"] = new[hidden_key] // new[heads_key]
+        # MLA: head_dim is the rope part in several families, nope + rope in others; qk_head_dim = nope + rope.
+        if _is_int(o.get("qk_rope_head_dim")) and _is_int(o.get("head_dim")) and _is_int(o.get("qk_nope_head_dim")):
+            if o["head_dim"] == o["qk_rope_head_dim"]:
+                new["head_dim"] = new["qk_rope_head_dim"]
+            elif o["head_dim"] == o["qk_rope_head_dim"] + o["qk_nope_head_dim"]:
+                new["head_dim"] = new["qk_rope_head_dim"] + new["qk_nope_head_dim"]
         if _is_int(o.get("qk_head_dim")) and _is_int(new.get("qk_nope_head_dim")) and _is_int(new.get("qk_rope_head_dim")):
             new["qk_head_dim"] = new["qk_nope_head_dim"] + new["qk_rope_head_dim"]
         # mamba2 style: n_heads * head_dim == expand * hidden
@@ -597,6 +658,22 @@ class _Level:
         for key in ("rope_parameters", "rope_scaling"):
             if key in new:
                 new[key] = _shrink_rope(new[key], rotary_dim)
+        # Multimodal rope whose sections the modeling code defaults (sized for the released head_dim) when the
+        # config has none: the config class says it reads them (`ignore_keys_at_rope_validation`).
+        if "mrope_section" in (getattr(self.cls, "ignore_keys_at_rope_validation", None) or ()) \
+                and isinstance(new.get("rope_parameters"), dict) and "mrope_section" not in new["rope_parameters"] \
+                and not any(isinstance(v, dict) for v in new["rope_parameters"].values()):
+            partial = new["rope_parameters"].get("partial_rotary_factor")
+            new["rope_parameters"] = {**new["rope_parameters"],
+                                      "mrope_section": _default_sections(rotary_dim(partial) // 2)}
+        # a sliding window the default leaves None although some layer types are sliding
+        types = [t for k, v in new.items() if k.endswith("layer_types") and isinstance(v, list) for t in v]
+        # (or whose model names sliding-attention knobs and builds a sliding mask regardless)
+        if any("sliding" in str(t) for t in types) or any("sliding" in k and k not in ("sliding_window",
+                                                           "sliding_window_size") and new[k] for k in new):
+            for key in ("sliding_window", "sliding_window_size"):
+                if key in new and new[key] is None:
+                    new[key] = _WINDOW
         for key in ("mrope_section",):
             if isinstance(new.get(key), (list, tuple)):
                 new[key] = _scale_sections(new[key], rotary_dim(None) // 2)
@@ -630,6 +707,19 @@ def _apply_overrides(tree: dict, overrides: dict) -> None:
             tree[key] = value
 
 
+def _add_optional_vision(config) -> None:
+    """A composite config whose vision tower is optional and absent by default (e.g. gemma4) gets its default
+    vision sub-config, so the tiny model has a vision tower and image inputs exercise it."""
+    for key, spec in (getattr(type(config), "sub_configs_defaults", None) or {}).items():
+        if "vision" not in key or getattr(config, key, None) is not None or not getattr(spec, "optional", False):
+            continue
+        try:
+            sub, _ = spec.create_subconfig(key, None)
+            setattr(config, key, sub)
+        except Exception:  # keep the default (text only)
+            pass
+
+
 def tiny_config(model_type: str, *, num_experts: int = 4, top_k: int = 2, hidden_size: int = 32, num_layers: int = 2,
                 expert_size: int = 64, vocab_size: int = 128):
     """A tiny config of `model_type`: its `AutoConfig.for_model` defaults with every size knob shrunk."""
@@ -640,6 +730,7 @@ def tiny_config(model_type: str, *, num_experts: int = 4, top_k: int = 2, hidden
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         default = AutoConfig.for_model(model_type)
+        _add_optional_vision(default)
         tree = default.to_dict()
         ctx = _Context(sizes, tree)
         text = _text_config(default)
@@ -680,57 +771,166 @@ def _first_attr(configs, names):
     return None
 
 
-def _grid_image_inputs(config, vision, batch: int, generator) -> tuple[list[int], dict] | None:
-    """Qwen-VL style dynamic-resolution inputs: flattened patches + ``image_grid_thw``. One image per sample of
-    (2*merge) x (2*merge) patches, i.e. 4 merged image tokens."""
-    patch = vision.patch_size if _is_int(vision.patch_size) else vision.patch_size[0]
-    merge = _first_attr([vision], ("spatial_merge_size", "merge_size")) or 1
-    temporal = _first_attr([vision], ("temporal_patch_size",)) or 1
-    temporal = temporal if _is_int(temporal) else temporal[0]
-    channels = _first_attr([vision], ("in_channels", "num_channels", "in_chans")) or 3
-    grid = (1, 2 * merge, 2 * merge)
-    patches = grid[0] * grid[1] * grid[2]
-    pixel_values = torch.randn(batch * patches, channels * temporal * patch * patch, generator=generator)
+def _vision_int(vision, names, default):
+    value = _first_attr([vision], names)
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return value if _is_int(value) else default
+
+
+def _image_candidates(config, vision, batch: int, generator, params: set):
+    """Candidate image inputs, most common layout first: (name, kwargs for the vision path)."""
+    patch = _vision_int(vision, ("patch_size", "native_patch_size"), _VISION["patch_size"])
+    merge = _vision_int(vision, ("spatial_merge_size", "merge_size", "adapter_merge_size"), 1)
+    temporal = _vision_int(vision, ("temporal_patch_size", "patch_temporal"), 1)
+    channels = _vision_int(vision, ("in_channels", "num_channels", "in_chans"), 3)
+    out = []
+    if "image_grid_thw" in params:
+        grid = (1, 2 * merge, 2 * merge)
+        n = grid[0] * grid[1] * grid[2]
+        thw = torch.tensor([grid] * batch)
+        for t in dict.fromkeys((temporal, 1)):
+            # Qwen-VL layout: one row per patch, (channels, temporal, patch, patch) flattened
+            out.append((f"grid-flat-t{t}", {"pixel_values": torch.randn(batch * n, channels * t * patch * patch,
+                                                                          generator=generator),
+                                            "image_grid_thw": thw}))
+        # merged-token layout: one (merge*patch, merge*patch, channels) block per merged token, grid in tokens
+        tokens = (1, 2, 2)
+        out.append(("grid-blocks", {"pixel_values": torch.randn(batch * 4, merge * patch, merge * patch, channels,
+                                                                generator=generator),
+                                    "image_grid_thw": torch.tensor([tokens] * batch)}))
+    if "image_position_ids" in params:
+        # patch sequence + (x, y) patch positions, pooled by pooling_kernel_size: a (2k x 2k) patch grid -> 4 tokens
+        k = _vision_int(vision, ("pooling_kernel_size",), 1)
+        side = 2 * k
+        xy = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="xy"), -1).reshape(-1, 2)
+        out.append(("patches-positions", {
+            "pixel_values": torch.rand(batch, side * side, channels * patch * patch, generator=generator),
+            "image_position_ids": xy.unsqueeze(0).repeat(batch, 1, 1)}))
+    size = _vision_int(vision, ("image_size",), patch * 4)
+    fixed = {"pixel_values": torch.randn(batch, channels, size, size, generator=generator)}
+    if "image_sizes" in params:
+        fixed["image_sizes"] = torch.tensor([[size, size]] * batch)
+    out.append(("fixed", fixed))
+    return out
+
+
+def _count_image_tokens(model, kwargs: dict, batch: int, hidden: int) -> int | None:
+    """Placeholder tokens per image: the release's own `get_image_features` output, in text-hidden-sized rows."""
+    get = getattr(model, "get_image_features", None) or getattr(getattr(model, "model", None), "get_image_features", None)
+    if get is None:
+        return None
+    accepted = set(inspect.signature(get).parameters)
+    call = {k: v for k, v in kwargs.items() if k in accepted or "kwargs" in accepted}
+    out = get(**call)
+    feats = out
+    if hasattr(out, "pooler_output") and getattr(out, "pooler_output", None) is not None:
+        feats = out.pooler_output
+    elif hasattr(out, "last_hidden_state"):
+        feats = out.last_hidden_state
+    tensors = list(feats) if isinstance(feats, (list, tuple)) else [feats]
+    if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+        return None
+    total = sum(t.numel() for t in tensors)
+    if total % (hidden * batch):
+        return None
+    return total // (hidden * batch)
+
+
+_IMAGE_PLANS: dict[str, tuple] = {}
+IMAGE_FALLBACKS: dict[str, str] = {}
+"""Multimodal model types whose sample inputs fell back to text only, with the reason (filled by `sample_inputs`)."""
+
+
+def _image_plan(config, batch: int, params: set):
+    """(layout name, tokens per image) that this release's model accepts, found by running the vision path of a
+    throw-away tiny model on each candidate layout; None when no layout works (text-only inputs)."""
+    key = json.dumps(config.to_dict(), sort_keys=True, default=str) + f"|{batch}"
+    if key in _IMAGE_PLANS:
+        return _IMAGE_PLANS[key]
+    from transformers.modeling_utils import set_zero3_state
+
+    vision = _first_attr([config], ("vision_config",))
+    hidden = _text_config(config).hidden_size
+    plan, errors = None, []
+    with torch.random.fork_rng(), torch.no_grad(), warnings.catch_warnings(), set_zero3_state():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        model = model_class_for(config.model_type)(copy.deepcopy(config)).eval()
+        generator = torch.Generator().manual_seed(0)
+        for name, kwargs in _image_candidates(config, vision, batch, generator, params):
+            try:
+                n = _count_image_tokens(model, kwargs, batch, hidden)
+                if not n:
+                    errors.append(f"{name}: no image features")
+                    continue
+                ids, extra = _with_images(config, [[0] * 4] * batch, kwargs, n)
+                model(input_ids=ids, **extra, **_type_ids(ids, config, params))
+                plan = (name, n)
+                break
+            except Exception as e:  # this layout is not the one the model takes
+                errors.append(f"{name}: {type(e).__name__}: {str(e)[:160]}")
+    if plan is None:
+        IMAGE_FALLBACKS[config.model_type] = "; ".join(errors) or "no image layout"
+    _IMAGE_PLANS[key] = plan
+    return plan
+
+
+def _with_images(config, rows, image_kwargs: dict, n_tokens: int):
     image_token = _first_attr([config], ("image_token_id", "image_token_index"))
-    start = _first_attr([config], ("vision_start_token_id", "image_start_token_id"))
-    end = _first_attr([config], ("vision_end_token_id", "image_end_token_id"))
-    tokens = ([start] if start is not None else []) + [image_token] * (patches // (merge * merge)) \
-        + ([end] if end is not None else [])
-    return tokens, {"pixel_values": pixel_values, "image_grid_thw": torch.tensor([grid] * batch)}
+    start = _first_attr([config], ("vision_start_token_id", "image_start_token_id", "boi_token_id"))
+    end = _first_attr([config], ("vision_end_token_id", "image_end_token_id", "eoi_token_id"))
+    tokens = ([start] if start is not None else []) + [image_token] * n_tokens + ([end] if end is not None else [])
+    ids = torch.tensor([row[:2] + tokens + row[2:] for row in rows])
+    return ids, dict(image_kwargs)
 
 
-def sample_inputs(config, *, batch: int = 2, seq: int = 8, seed: int = 1234) -> dict:
+def _type_ids(input_ids, config, params: set) -> dict:
+    out = {}
+    image_token = _first_attr([config], ("image_token_id", "image_token_index"))
+    if "mm_token_type_ids" in params:
+        out["mm_token_type_ids"] = (input_ids == image_token).int() if image_token is not None \
+            else torch.zeros_like(input_ids, dtype=torch.int)
+    if "token_type_ids" in params:
+        out["token_type_ids"] = (input_ids == image_token).long() if image_token is not None \
+            else torch.zeros_like(input_ids)
+    return out
+
+
+def sample_inputs(config, *, batch: int = 2, seq: int = 8, seed: int = 1234, images: bool | None = None) -> dict:
     """Forward keyword arguments (with ``labels``) for a tiny model of `config`.
 
-    Text: ``input_ids`` drawn outside the special token ids. Multimodal heads whose forward takes
-    ``image_grid_thw`` (Qwen-VL style dynamic resolution) get one small image per sample and the image tokens in
-    the text; other multimodal heads get text only (their language model, where the experts are, still runs).
-    ``mm_token_type_ids`` / ``token_type_ids`` are supplied when the forward takes them.
+    Text: ``input_ids`` drawn outside the special token ids. Multimodal configs also get one small image per sample
+    (``images=None``: when this release's model accepts one of the known layouts, else text only, recorded in
+    `IMAGE_FALLBACKS`; ``images=True`` raises instead). The layout (Qwen-VL flattened patches + ``image_grid_thw``,
+    merged-token blocks, or a fixed-size ``(B, C, H, W)`` image) and the number of image tokens per image are found
+    by running the vision path of a throw-away tiny model, so nothing is hard-coded per family.
+    ``mm_token_type_ids`` / ``token_type_ids`` are added when the forward takes them.
     """
     generator = torch.Generator().manual_seed(seed)
     text = _text_config(config)
     specials = _special_ids(config)
     allowed = torch.tensor([i for i in range(text.vocab_size) if i not in specials])
     rows = allowed[torch.randint(len(allowed), (batch, seq), generator=generator)].tolist()
-    extra: dict = {}
-    params = set()
     try:
         params = set(inspect.signature(model_class_for(config.model_type).forward).parameters)
     except Exception:
-        pass
-    vision = _first_attr([config], ("vision_config",))
-    image_token = _first_attr([config], ("image_token_id", "image_token_index"))
-    if is_multimodal(config) and vision is not None and image_token is not None and "image_grid_thw" in params \
-            and _first_attr([vision], ("patch_size",)) is not None:
-        tokens, extra = _grid_image_inputs(config, vision, batch, generator)
-        rows = [row[:2] + tokens + row[2:] for row in rows]
+        params = set()
+    extra: dict = {}
     input_ids = torch.tensor(rows)
-    inputs = {"input_ids": input_ids, **extra}
-    if "mm_token_type_ids" in params:
-        inputs["mm_token_type_ids"] = (input_ids == image_token).int() if image_token is not None \
-            else torch.zeros_like(input_ids, dtype=torch.int)
-    if "token_type_ids" in params and "token_type_ids" not in inputs:
-        inputs["token_type_ids"] = torch.zeros_like(input_ids)
+    want = images if images is not None else True
+    if want and is_multimodal(config) and "pixel_values" in params \
+            and _first_attr([config], ("vision_config",)) is not None \
+            and _first_attr([config], ("image_token_id", "image_token_index")) is not None:
+        plan = _image_plan(config, batch, params)
+        if plan is None and images:
+            raise ValueError(f"{config.model_type}: no image layout works: {IMAGE_FALLBACKS.get(config.model_type)}")
+        if plan is not None:
+            name, n_tokens = plan
+            candidates = dict(_image_candidates(config, _first_attr([config], ("vision_config",)), batch,
+                                                generator, params))
+            input_ids, extra = _with_images(config, rows, candidates[name], n_tokens)
+    inputs = {"input_ids": input_ids, **extra, **_type_ids(input_ids, config, params)}
     labels = input_ids.clone()
     labels[torch.isin(labels, torch.tensor(sorted(specials) or [-1]))] = -100
     inputs["labels"] = labels

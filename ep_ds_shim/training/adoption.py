@@ -23,6 +23,7 @@ from ..errors import EpShimError
 from ..log import logger
 from ..releases.support import training_defect, transformers_version
 from . import guard
+from .export import SavePretrainedGuard
 from .record import RECORD_ATTR, EPModelRecord, record_of, unwrap
 
 try:  # only the 5.17-5.18 EP hook needs it (see `_reduce_expert_outputs`)
@@ -33,26 +34,27 @@ except ImportError:
 
 def record_ep_load(model, ep_size: int, line) -> EPModelRecord:
     expert_params = experts.expert_parameters(model)
-    record = EPModelRecord(ep_size, _ep_ranks(model, expert_params), line, experts.fingerprints(expert_params))
+    mesh = _ep_mesh(model, expert_params)
+    rows = {name: experts.local_tensor(param).shape[0] * ep_size for name, param in expert_params.items()}
+    record = EPModelRecord(ep_size, tuple(int(rank) for rank in mesh.mesh.flatten().tolist()), mesh, line,
+                           experts.fingerprints(expert_params), rows)
     model.__dict__[RECORD_ATTR] = record
     guard.attach_instance_guards(model, record)
     return record
 
 
-def _ep_ranks(model, expert_params) -> tuple[int, ...]:
-    """Global ranks of this rank's EP group, read from where this release keeps the EP mesh."""
+def _ep_mesh(model, expert_params):
+    """This rank's EP group's 1-D device mesh, read from where this release keeps it."""
     for param in expert_params.values():
         mesh = getattr(param, "device_mesh", None)
         if mesh is not None:
-            return tuple(int(rank) for rank in mesh.mesh.flatten().tolist())
+            return mesh
     manager = getattr(model, "_mesh_manager", None)
     if manager is not None:
-        return tuple(int(rank) for rank in manager.get_mesh("ep").mesh.flatten().tolist())
+        return manager.get_mesh("ep")
     mesh = getattr(model, "_device_mesh", None)
     if mesh is not None:
-        if mesh.ndim > 1 and "tp" in (mesh.mesh_dim_names or ()):
-            mesh = mesh["tp"]
-        return tuple(int(rank) for rank in mesh.mesh.flatten().tolist())
+        return mesh["tp"] if mesh.ndim > 1 and "tp" in (mesh.mesh_dim_names or ()) else mesh
     raise EpShimError(f"{type(model).__name__}: cannot find the expert-parallel mesh after the EP load")
 
 
@@ -65,6 +67,8 @@ def make_deepspeed_ready(model_or_engine) -> dict:
         return {}
     converted, replaced = _localise_dtensors(model)
     guard.drop_swap_guard(model)
+    # its weights are now this rank's local shards, which transformers' save_pretrained would write as the model
+    model.__dict__["save_pretrained"] = SavePretrainedGuard(model)
     if converted and record.line.expert_output_reduce_needs_dtensors:
         _reduce_expert_outputs(converted)
     for param in experts.expert_parameters(model).values():

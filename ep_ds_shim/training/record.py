@@ -16,8 +16,10 @@ class EPModelRecord:
 
     ep_size: int
     ep_ranks: tuple[int, ...]  # global ranks of this rank's EP group (they hold *different* experts)
+    ep_mesh: object  # the device mesh transformers built for that group
     line: object  # the ReleaseLine the model was loaded with
     fingerprints: dict[str, experts.Fingerprint]  # of this rank's expert shards, as loaded
+    expert_rows: dict[str, int]  # expert tensor name -> rows (experts) of the whole tensor, over all EP ranks
     deepspeed_ready: bool = False  # DTensors made local, expert weights marked, guard armed
     # Integrity checks passed so far: "deepspeed hand-over" (right after the library's deepspeed.initialize),
     # "forward" / "training forward" (the first-forward guard).
@@ -25,6 +27,11 @@ class EPModelRecord:
     layout: object = None  # the DPxEPLayout DeepSpeed was given (set when the library hands the model over)
     zero_stage: int | None = None  # the ZeRO stage of the engine that took it
     guard_handle: object = field(default=None, repr=False)
+    state_dict_guard: object = field(default=None, repr=False)  # ZeRO 0-2: refuses one rank's experts as the model
+
+    def ep_group(self):
+        """The process group of this rank's EP group."""
+        return self.ep_mesh.get_group()
 
 
 def unwrap(model_or_engine):

@@ -1,0 +1,237 @@
+"""The whole flow, in one command on CPU: load -> train -> checkpoint; a new job resumes and trains on; export;
+reload the export in a plain single process and compare it with a single-process run of the same steps.
+
+    python examples/finetune.py                          # 2 ranks (ep=2), fp32, 4 + 4 steps
+    python examples/finetune.py --nproc 4 --ep-size 2    # dp=2 x ep=2
+    python examples/finetune.py --bf16 --grad-accum 2    # DeepSpeed bf16 (compared with a single-process bf16 run)
+    ./run.sh finetune                                    # the same as the first line
+
+With no --model-dir it builds a tiny random MoE checkpoint under build/examples (no hub access). The driver runs
+the distributed phases with torchrun (`--phase train|resume|full`, which are also what the tests run) and prints,
+per step, the loss of every phase next to the single-process reference, then what the reloaded export holds.
+On GPUs run the phases under your launcher with `--device cuda`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+STEPS_BEFORE, STEPS_AFTER = 4, 4
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", help="checkpoint to fine-tune (default: a tiny MoE built under build/examples)")
+    parser.add_argument("--model-type", default="qwen3_moe")
+    parser.add_argument("--nproc", type=int, default=2, help="ranks of the distributed phases (driver only)")
+    parser.add_argument("--ep-size", type=int, default=None, help="expert-parallel size (default: world size)")
+    parser.add_argument("--stage", type=int, default=3, choices=(0, 1, 2, 3), help="ZeRO stage")
+    parser.add_argument("--bf16", action="store_true", help="DeepSpeed bf16 mixed precision")
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=None, help="steps of the phase (default: 4, --phase full: 8)")
+    parser.add_argument("--start-step", type=int, default=0, help="first step of the phase (resume: after the checkpoint)")
+    parser.add_argument("--total-steps", type=int, default=STEPS_BEFORE + STEPS_AFTER, help="length of the LR schedule")
+    parser.add_argument("--offload-optimizer", action="store_true", help="ZeRO offload_optimizer: {device: cpu}")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--phase", choices=("train", "resume", "full"), help="run one distributed phase (under torchrun)")
+    parser.add_argument("--no-ep", action="store_true", help="a plain single-process DeepSpeed run (the bf16 reference)")
+    parser.add_argument("--checkpoint-dir", help="DeepSpeed checkpoint written by --phase train, read by --phase resume")
+    parser.add_argument("--export-dir", help="where to export (ep_ds_shim.save_pretrained) after the phase")
+    parser.add_argument("--max-shard-size", default="200KB", help="shards of the export (small here, to show sharding)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--work-dir", default=os.path.join("build", "examples", "finetune"))
+    parser.add_argument("--json", help="write this rank's results here ({rank} is replaced)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", args.device)
+    return args
+
+
+def deepspeed_config(args) -> dict:
+    zero = {"stage": args.stage}
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": args.grad_accum,
+        "gradient_clipping": 1.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": args.bf16},
+        "steps_per_print": 10**9,
+    }
+    if args.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        config["zero_force_ds_cpu_optimizer"] = False  # the oracle's torch AdamW, not DeepSpeed's CPU Adam
+    return config
+
+
+def run_phase(args) -> int:
+    """One distributed phase: load (inside the block), train, checkpoint or resume, export."""
+    import deepspeed
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    import ep_ds_shim
+    from ep_ds_shim import testing
+    from ep_ds_shim.testing import oracle
+
+    deepspeed.init_distributed(dist_backend="nccl" if args.device == "cuda" else "gloo")
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # the device on this node, not the global rank
+    world, rank = dist.get_world_size(), dist.get_rank()
+    config = deepspeed_config(args)
+    signalled = HfDeepSpeedConfig(config)  # noqa: F841 - DeepSpeed signalled while loading, as launchers do
+    if args.no_ep:
+        layout, dp_rank, dp_size = None, rank, world
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    else:
+        layout = ep_ds_shim.DPxEPLayout(args.ep_size or world)
+        dp_rank, dp_size = layout.dp_rank, layout.dp_size
+        with ep_ds_shim.ep_zero3_compat():
+            model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32,
+                                                         **layout.from_pretrained_kwargs(args.model_dir))
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), **testing.OPTIMIZER)
+
+    def lr_scheduler(optimizer):  # DeepSpeed builds it on the optimizer it wraps
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, oracle.schedule(args.total_steps))
+
+    if layout is None:
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, lr_scheduler=lr_scheduler)
+    else:
+        engine, *_ = ep_ds_shim.initialize(model=model, layout=layout, optimizer=optimizer, config=config,
+                                            lr_scheduler=lr_scheduler)
+    if args.phase == "resume":
+        engine.load_checkpoint(args.checkpoint_dir)
+    steps = args.steps or (args.total_steps if args.phase == "full" else STEPS_BEFORE)
+    losses = []
+    for step in range(args.start_step, args.start_step + steps):
+        step_loss = 0.0
+        for micro in range(args.grad_accum):
+            batch = oracle.run_batch(step, micro, dp_rank, grad_accum=args.grad_accum, dp_size=dp_size)
+            loss = engine(input_ids=batch, labels=batch).loss
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.item() / args.grad_accum
+        losses.append(step_loss)
+    if args.phase == "train":
+        engine.save_checkpoint(args.checkpoint_dir)
+    if args.export_dir:
+        if layout is None:
+            engine.save_16bit_model(args.export_dir)  # the plain model: DeepSpeed's own export
+        else:
+            ep_ds_shim.save_pretrained(engine, args.export_dir, max_shard_size=args.max_shard_size)
+    report = {"rank": rank, "dp_rank": dp_rank, "dp_size": dp_size, "ep_rank": getattr(layout, "ep_rank", 0),
+              "phase": args.phase, "losses": losses, "start_step": args.start_step}
+    if args.json:
+        testing.write_report(args.json, report, rank=rank)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def replica_losses(reports: list[dict]) -> list[float]:
+    """Per step, the mean over data-parallel replicas of their loss (what the single-process run computes)."""
+    per_replica = {report["dp_rank"]: report["losses"] for report in reports if report["ep_rank"] == 0}
+    return [sum(values) / len(values) for values in zip(*per_replica.values())]
+
+
+def compare_export(export_dir: str, reference_params: dict) -> dict:
+    """Reload the export in a plain single process; what is missing, and how far it is from the reference."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32, output_loading_info=True)
+    problems = {key: sorted(map(str, value)) for key, value in info.items() if value}
+    diffs = {name: float((param.detach().float() - reference_params[name].float()).abs().max())
+             for name, param in model.named_parameters()}
+    return {"loading_problems": problems, "max_param_diff": max(diffs.values()), "tensors": len(diffs)}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.phase:
+        return run_phase(args)
+
+    # The driver: builds the checkpoint, computes the single-process reference, runs the phases, compares.
+    from ep_ds_shim import testing
+    from ep_ds_shim.testing import oracle
+
+    path = args.model_dir or str(testing.build_tiny_moe(os.path.join("build", "examples", f"tiny-{args.model_type}-8x"),
+                                                        args.model_type, num_experts=8))
+    os.makedirs(args.work_dir, exist_ok=True)
+    work = tempfile.mkdtemp(dir=args.work_dir)
+    dp_size = args.nproc // (args.ep_size or args.nproc)
+    if args.bf16:
+        print("reference: the same run in a single process (DeepSpeed bf16, no EP)")
+        reference = phases(args, path, work, nproc=1, extra=["--no-ep"], full_only=True)
+        ref_losses, ref_params = reference["full_losses"], reference["full_params"]
+    else:
+        print("reference: the same run in a single process (fp32, torch AdamW, same schedule)")
+        ref = oracle.reference_run(path, steps=args.total_steps, grad_accum=args.grad_accum, dp_size=dp_size)
+        ref_losses, ref_params = ref["losses"], ref["params"]
+    run = phases(args, path, work, nproc=args.nproc)
+    tolerance = 2e-2 if args.bf16 else 1e-5  # bf16: see README, "Saving, resuming, exporting"
+    print(f"{'step':>4} {'reference':>12} {'train+resume':>14} {'uninterrupted':>14}")
+    for step, want in enumerate(ref_losses):
+        print(f"{step:>4} {want:>12.6f} {run['resumed_losses'][step]:>14.6f} {run['full_losses'][step]:>14.6f}")
+    worst = max(abs(a - b) for a, b in zip(ref_losses, run["resumed_losses"]))
+    exported = compare_export(run["export"], ref_params)
+    same = max(abs(a - b) for a, b in zip(run["resumed_losses"], run["full_losses"]))
+    ok = worst <= tolerance and exported["max_param_diff"] <= (5e-2 if args.bf16 else 1e-5) and \
+        not exported["loading_problems"] and same <= (1e-6 if not args.bf16 else tolerance)
+    print(f"resumed vs uninterrupted: max |dloss| {same:.2e}; vs reference: max |dloss| {worst:.2e}")
+    print(f"export {run['export']}: {exported['tensors']} tensors, loading problems {exported['loading_problems'] or 'none'}, "
+          f"max |dparam| vs reference {exported['max_param_diff']:.2e} -> {'MATCH' if ok else 'MISMATCH'}")
+    if args.json:
+        with open(args.json.format(rank=0), "w") as handle:
+            json.dump({"reference": ref_losses, **{k: v for k, v in run.items() if k.endswith("losses")},
+                       "export": exported, "ok": ok}, handle, indent=1)
+    return 0 if ok else 1
+
+
+def phases(args, path: str, work: str, *, nproc: int, extra=(), full_only: bool = False) -> dict:
+    """Run the distributed phases with torchrun: train + checkpoint, resume + export, and (for comparison) the same
+    steps uninterrupted. Returns the losses per step and where the export is."""
+    from ep_ds_shim.testing import run_job, torchrun
+
+    common = [__file__, "--model-dir", path, "--stage", str(args.stage), "--grad-accum", str(args.grad_accum),
+              "--total-steps", str(args.total_steps), "--json", "{json}", *extra,
+              *(["--ep-size", str(args.ep_size)] if args.ep_size else []), *(["--bf16"] if args.bf16 else []),
+              *(["--offload-optimizer"] if args.offload_optimizer else []),
+              *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
+
+    def launch(*phase_args):
+        result = run_job(torchrun(nproc, *common, *phase_args), nproc=nproc, timeout=1800)
+        if not result.ok or len(result.reports) != nproc:
+            raise SystemExit(f"phase {phase_args[:2]} failed:\n{result.output[-6000:]}")
+        return result.reports
+
+    out = {}
+    full_export = os.path.join(work, "export-uninterrupted")
+    full = launch("--phase", "full", "--export-dir", full_export)
+    out["full_losses"] = replica_losses(full)
+    if full_only:
+        from transformers import AutoModelForCausalLM
+
+        out["full_params"] = dict(AutoModelForCausalLM.from_pretrained(full_export, dtype=torch.float32).named_parameters())
+        return out
+    checkpoint = os.path.join(work, "checkpoint")
+    first = launch("--phase", "train", "--checkpoint-dir", checkpoint)
+    export = os.path.join(work, "export")
+    second = launch("--phase", "resume", "--checkpoint-dir", checkpoint, "--start-step", str(STEPS_BEFORE),
+                    "--steps", str(args.total_steps - STEPS_BEFORE), "--export-dir", export)
+    out["resumed_losses"] = replica_losses(first) + replica_losses(second)
+    out["export"] = export
+    out["uninterrupted_export"] = full_export
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
