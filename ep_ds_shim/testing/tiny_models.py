@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import hashlib
 import inspect
 import json
 import math
@@ -496,7 +497,7 @@ class _Level:
         if _EXPERT_COUNT_KEY.match(canon) or _EXPERT_COUNT_KEY.match(key):
             if value is None:
                 return s["num_experts"] if self.role == "text" else None
-            return s["num_experts"] if value > 1 else value
+            return s["num_experts"] if value >= 1 else value  # 0: MoE off in a dense variant
         if _TOPK_KEY.search(canon) or _TOPK_KEY.search(key):
             return s["top_k"] if value is None else min(value, s["top_k"])
         if _SHARED_COUNT_KEY.match(canon) or _SHARED_COUNT_KEY.match(key):
@@ -1027,7 +1028,9 @@ def build_tiny_model(path: str | os.PathLike, model_type: str, *, seed: int = 0,
     a single-process `from_pretrained` must reload it identically, else it raises.
     """
     path = Path(path)
-    stamp = {"transformers": transformers.__version__, "model_type": model_type, "seed": seed, "tiny_models": 1,
+    # The config's own digest too: a change of the shrinking rules (or of the release's defaults) rebuilds.
+    digest = hashlib.sha256(tiny_config(model_type, **sizes).to_json_string(use_diff=False).encode()).hexdigest()
+    stamp = {"transformers": transformers.__version__, "model_type": model_type, "seed": seed, "config": digest[:16],
              **sizes}
     stamp_file = path / "ep_ds_shim_stamp.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,9 @@ Only what differs from a data-parallel Trainer is overridden; everything else is
   at load time" flag as "transformers reduces gradients"; both are hidden while it sets up accelerate, because
   DeepSpeed owns data parallelism here.
 - groups: the Trainer's `accelerator.prepare` calls `deepspeed.initialize` without an `mpu`; `train()` runs inside
-  `supply_deepspeed_groups(layout)`, which also makes a model loaded before `TrainingArguments(deepspeed=...)`
-  DeepSpeed-ready.
+  `supply_deepspeed_groups(layout)`; a model loaded before `TrainingArguments(deepspeed=...)` is made DeepSpeed-ready
+  before the Trainer builds its optimizer.
+- saving: `save_model` (and so every checkpoint) writes the whole model (`export.py`), not one rank's experts.
 
     class MyTrainer(EPTrainerMixin, Trainer): ...
     trainer = MyTrainer(model=model, args=args, train_dataset=ds, ep_layout=layout)
@@ -24,8 +25,10 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from .adoption import make_deepspeed_ready
+from .export import agree_on_outcome, gather_full_state_dict
 from .groups_scope import supply_deepspeed_groups
 from .layout import DPxEPLayout
+from .record import record_of
 
 
 class EPTrainerMixin:
@@ -73,6 +76,25 @@ class EPTrainerMixin:
     def train(self, *args, **kwargs):
         with supply_deepspeed_groups(self.ep_layout):
             return super().train(*args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under DeepSpeed, every rank gathers the whole model (every EP rank's experts, every ZeRO partition) and
+        global rank 0 saves it through the Trainer's own `_save` (model, tokenizer, training arguments). Also what
+        the Trainer's checkpoints (`save_steps`, `save_only_model`) call; resumable DeepSpeed state is written next
+        to it by the Trainer as usual."""
+        if not (getattr(self, "is_deepspeed_enabled", False) and record_of(self.model, required=False)):
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        full = gather_full_state_dict(self.model_wrapped)
+        error = None
+        if full is not None:  # global rank 0 (the Trainer's should_save is True on every rank on CPU)
+            try:
+                self._save(output_dir, state_dict=full)
+            except Exception as failure:  # noqa: BLE001 - shared with every rank below
+                error = f"{type(failure).__name__}: {failure}"
+        agree_on_outcome(error, f"EPTrainer.save_model({output_dir!r})")
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
 
 class EPTrainer(EPTrainerMixin, Trainer):
