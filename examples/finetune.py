@@ -23,9 +23,6 @@ import tempfile
 import torch
 
 STEPS_BEFORE, STEPS_AFTER = 4, 4
-# bf16: the EP run and the single-process bf16 run round differently (EP all-reduces expert outputs in another
-# order, and bf16 keeps 8 bits of mantissa); see README, "Saving, resuming, exporting", for how these were chosen.
-BF16_LOSS_TOLERANCE, BF16_PARAM_TOLERANCE = 2e-2, 2e-2
 
 
 def parse_args(argv=None):
@@ -46,6 +43,8 @@ def parse_args(argv=None):
     parser.add_argument("--skip-resume", action="store_true", help="driver: only the uninterrupted run and its export")
     parser.add_argument("--resume-at", type=int, default=STEPS_BEFORE, help="driver: the step the checkpoint is taken at")
     parser.add_argument("--no-ep", action="store_true", help="a plain single-process DeepSpeed run (the bf16 reference)")
+    parser.add_argument("--data-replicas", type=int, default=1,
+                        help="with --no-ep: train on the batches of this many data-parallel replicas together")
     parser.add_argument("--checkpoint-dir", help="DeepSpeed checkpoint written by --phase train, read by --phase resume")
     parser.add_argument("--export-dir", help="where to export (ep_ds_shim.save_pretrained) after the phase")
     parser.add_argument("--max-shard-size", default="200KB", help="shards of the export (small here, to show sharding)")
@@ -61,7 +60,8 @@ def parse_args(argv=None):
 def deepspeed_config(args) -> dict:
     zero = {"stage": args.stage}
     config = {
-        "train_micro_batch_size_per_gpu": 2,
+        # the single-process reference sees every replica's micro-batch at once
+        "train_micro_batch_size_per_gpu": 2 * (args.data_replicas if args.no_ep else 1),
         "gradient_accumulation_steps": args.grad_accum,
         "gradient_clipping": 1.0,
         "zero_optimization": zero,
@@ -94,7 +94,7 @@ def run_phase(args) -> int:
     config = deepspeed_config(args)
     signalled = HfDeepSpeedConfig(config)  # noqa: F841 - DeepSpeed signalled while loading, as launchers do
     if args.no_ep:
-        layout, dp_rank, dp_size = None, rank, world
+        layout, dp_rank, dp_size = None, rank, args.data_replicas
         model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     else:
         layout = ep_ds_shim.DPxEPLayout(args.ep_size or world)
@@ -122,7 +122,9 @@ def run_phase(args) -> int:
     for step in range(args.start_step, args.start_step + steps):
         step_loss = 0.0
         for micro in range(args.grad_accum):
-            batch = oracle.run_batch(step, micro, dp_rank, grad_accum=args.grad_accum, dp_size=dp_size)
+            replicas = range(dp_size) if layout is None else [dp_rank]
+            batch = torch.cat([oracle.run_batch(step, micro, d, grad_accum=args.grad_accum, dp_size=dp_size)
+                               for d in replicas])
             loss = engine(input_ids=batch, labels=batch).loss
             engine.backward(loss)
             engine.step()
@@ -195,7 +197,8 @@ def main(argv=None) -> int:
     dp_size = args.nproc // (args.ep_size or args.nproc)
     if args.bf16:
         print("reference: the same run in a single process (DeepSpeed bf16, no EP)")
-        reference = phases(args, path, work, nproc=1, extra=["--no-ep"], full_only=True)
+        reference = phases(args, path, work, nproc=1, extra=["--no-ep", "--data-replicas", str(dp_size)],
+                           full_only=True)
         ref_losses = reference["full_losses"]
         ref_params = dict(AutoModelForCausalLM.from_pretrained(reference["export"], dtype=torch.float32).named_parameters())
     else:
@@ -210,7 +213,8 @@ def main(argv=None) -> int:
     curve = max(abs(a - b) for a, b in zip(ref_losses, run["full_losses"]))
     resume_gap = max(abs(a - b) for a, b in zip(resumed, run["full_losses"]))
     exported = compare_export(run["export"], ref_params)
-    loss_tolerance, param_tolerance = (BF16_LOSS_TOLERANCE, BF16_PARAM_TOLERANCE) if args.bf16 else (1e-5, 1e-5)
+    loss_tolerance, param_tolerance = (oracle.BF16_LOSS_TOLERANCE, oracle.BF16_PARAM_TOLERANCE) if args.bf16 \
+        else (1e-5, 1e-5)
     ok = curve <= loss_tolerance and resume_gap <= 1e-6 and exported["max_param_diff"] <= param_tolerance \
         and not exported["loading_problems"] and run["export_vs_trained"] <= 1e-6
     print(f"uninterrupted vs reference: max |dloss| {curve:.2e} (tolerance {loss_tolerance:g}); "

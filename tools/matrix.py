@@ -2,14 +2,16 @@
 
     python tools/matrix.py run [RELEASE ...]       # default: the last patch of every verified minor
     python tools/matrix.py run 5.20.2 --wrapt 1.17.3 --deepspeed 0.19.0
-    python tools/matrix.py render                  # build/matrix/*.json -> ep_ds_shim/support_matrix.json,
+    python tools/matrix.py run --newest            # the canary: the newest transformers on the package index
+    python tools/matrix.py render                  # build/matrix/*.json -> ep_ds_shim/releases/support_matrix.json,
                                                    #                        docs/support-matrix.md
     python tools/matrix.py check                   # rows just run == the committed table (CI)
-    ./run.sh matrix 5.20.2                         # one release, then check it against the table
+    ./run.sh matrix 5.20.2                         # one release in the matrix environment, then checked
 
-`run` swaps transformers (and optionally wrapt / DeepSpeed) inside the current environment with
-`pip install --no-deps`, builds tiny checkpoints with that release, runs tools/matrix_worker.py over 2 gloo
-ranks, writes build/matrix/<row>.json, and puts the pinned versions back at the end.
+`run` swaps transformers (and optionally wrapt / DeepSpeed) inside the environment it runs in (./run.sh gives it
+build/venvs/matrix, never the project's .venv) with pip, builds tiny checkpoints with that release, runs
+tools/matrix_worker.py over 2 gloo ranks, writes build/matrix/<row>.json, and puts the pinned versions back.
+A row on another torch (`--torch X`) is run by ./run.sh in an environment built with that torch.
 """
 
 from __future__ import annotations
@@ -18,15 +20,20 @@ import argparse
 import datetime
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+from packaging.version import Version
+
+from ep_ds_shim.releases import support_table as table
+from ep_ds_shim.releases.support import VERIFIED_TRANSFORMERS, first_unverified
+from ep_ds_shim.testing import run_job, torchrun
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 OUT = REPO / "build" / "matrix"
-MATRIX_JSON = REPO / "ep_ds_shim" / "support_matrix.json"
+MATRIX_JSON = REPO / "ep_ds_shim" / "releases" / "support_matrix.json"
 MATRIX_MD = REPO / "docs" / "support-matrix.md"
 
 # Oldest verified to newest published: the last patch of every minor (5.23 has one release so far).
@@ -34,14 +41,18 @@ DEFAULT_RELEASES = [
     "5.6.2", "5.7.0", "5.8.1", "5.9.0", "5.10.4", "5.11.0", "5.12.1", "5.13.1", "5.14.1", "5.15.1", "5.16.1",
     "5.17.0", "5.18.0", "5.19.0", "5.20.2", "5.21.1", "5.22.2", "5.23.0",
 ]
-# First two are always asked for; the third is the first of the rest with an EP plan in the release.
-FAMILIES = ["gpt_oss", "qwen3_moe"]
-THIRD_FAMILY = ["mixtral", "olmoe", "qwen2_moe", "deepseek_v3", "llama4_text"]
-COLUMNS = ("shape_checks", "load_equals_ep_only", "forward", "gradients", "zero3_step")
+# Model types of a row: the first two always; the third is the first of the rest with an EP plan in the release.
+MODEL_TYPES = ["gpt_oss", "qwen3_moe"]
+THIRD_MODEL_TYPE = ["mixtral", "olmoe", "qwen2_moe", "deepseek_v3", "llama4_text"]
+COLUMNS = table.COLUMNS
 # Columns that run no ep-ds-shim code at all: a failure there is transformers' own.
 UPSTREAM_ONLY = ("forward", "gradients")
 
-PINNED = {"transformers": "5.23.0", "wrapt": "2.5.2", "deepspeed": "0.19.8"}
+def pinned() -> dict[str, str]:
+    """The versions the project's environment pins (requirements/ci.txt; DeepSpeed: run.sh's DEEPSPEED_SPEC)."""
+    pins = dict(re.findall(r"^(transformers|wrapt)==(\S+)", (REPO / "requirements" / "ci.txt").read_text(), re.MULTILINE))
+    pins["deepspeed"] = os.environ.get("DEEPSPEED_SPEC", "deepspeed==0.19.8").split("==")[1]
+    return pins
 
 
 def pip_install(spec: str, *, build: bool = False, deps: bool = False) -> None:
@@ -49,9 +60,9 @@ def pip_install(spec: str, *, build: bool = False, deps: bool = False) -> None:
     huggingface_hub majors); wrapt and DeepSpeed come alone so torch is never touched."""
     env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
     command = [sys.executable, "-m", "pip", "install", "-q", *([] if deps else ["--no-deps"]), spec]
-    if build:  # DeepSpeed: an sdist built against the installed torch, no ops ahead of time
+    if build:  # DeepSpeed: an sdist built against the installed torch, no ops ahead of time (or the wheel run.sh keeps)
         env["DS_BUILD_OPS"] = "0"
-        command.insert(-1, "--no-build-isolation")
+        command[-1:-1] = ["--no-build-isolation", *(f"--find-links={d}" for d in (REPO / "build" / "wheels").glob("*"))]
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode:
         raise SystemExit(f"pip install {spec} failed:\n{result.stdout}\n{result.stderr}")
@@ -64,7 +75,7 @@ def installed(distribution: str) -> str:
 
 
 def python(code: str) -> str:
-    env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu")
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
@@ -77,7 +88,7 @@ def families_with_plans(release: str) -> dict[str, bool]:
         "from transformers import AutoConfig\n"
         "from ep_ds_shim.testing import tiny_config_kwargs\n"
         "out = {}\n"
-        f"for fam in {FAMILIES + THIRD_FAMILY!r}:\n"
+        f"for fam in {MODEL_TYPES + THIRD_MODEL_TYPE!r}:\n"
         "    try:\n"
         "        config = AutoConfig.for_model(fam, **tiny_config_kwargs(fam))\n"
         "        out[fam] = bool(getattr(config, 'base_model_ep_plan', None))\n"
@@ -97,13 +108,8 @@ def build_checkpoints(release: str, families: list[str]) -> dict[str, str]:
     return paths
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_row(release: str, *, wrapt_version: str | None, deepspeed_version: str | None, unit_tests: bool = False) -> dict:
+def run_row(release: str, *, wrapt_version: str | None, deepspeed_version: str | None, unit_tests: bool = False,
+            extra_env: dict | None = None) -> dict:
     pip_install(f"transformers=={release}", deps=True)
     if wrapt_version:
         pip_install(f"wrapt=={wrapt_version}")
@@ -111,39 +117,29 @@ def run_row(release: str, *, wrapt_version: str | None, deepspeed_version: str |
         pip_install(f"deepspeed=={deepspeed_version}", build=True)
     versions = {name: installed(name) for name in ("transformers", "wrapt", "deepspeed", "torch", "accelerate")}
     plans = families_with_plans(release)
-    chosen = [f for f in FAMILIES] + [next((f for f in THIRD_FAMILY if plans.get(f)), THIRD_FAMILY[0])]
+    chosen = [*MODEL_TYPES, next((f for f in THIRD_MODEL_TYPE if plans.get(f)), THIRD_MODEL_TYPE[0])]
     with_plan = [f for f in chosen if plans.get(f)]
     row = {"release": release, "versions": versions, "models": {}, "raw": {}}
     for family in chosen:
         if family not in with_plan:
-            row["models"][family] = {column: "n/a (no EP plan in this release)" for column in COLUMNS}
+            row["models"][family] = {column: table.NO_EP_PLAN for column in COLUMNS}
     if with_plan:
         paths = build_checkpoints(release, with_plan)
-        report = OUT / f"worker-{release}-{{rank}}.json"
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                   f"--master_port={free_port()}", str(REPO / "tools" / "matrix_worker.py"), str(report),
-                   *(f"{family}={path}" for family, path in paths.items())]
-        env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-        env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / "build" / "torch_extensions"))
-        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
-        reports = []
-        for rank in range(2):
-            path = Path(str(report).format(rank=rank))
-            if path.exists():
-                reports.append(json.loads(path.read_text()))
-                path.unlink()
+        job = run_job(torchrun(2, REPO / "tools" / "matrix_worker.py", "{json}",
+                               *(f"{family}={path}" for family, path in paths.items())),
+                      nproc=2, cwd=REPO, timeout=1800, env=extra_env, report_dir=OUT)
         for family in with_plan:
-            per_rank = [r["families"].get(family, {}) for r in reports]
+            per_rank = [r["families"].get(family, {}) for r in job.reports]
             row["raw"][family] = per_rank
-            row["models"][family] = cells(per_rank, crashed=proc.returncode != 0 and len(reports) < 2)
-        if len(reports) < 2:
-            row["crash"] = (proc.stdout + proc.stderr)[-4000:]
+            row["models"][family] = cells(per_rank, crashed=not job.ok and len(job.reports) < 2)
+        if len(job.reports) < 2:
+            row["crash"] = job.output[-4000:]
     row["notes"] = notes(row)
     if unit_tests:
-        env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu")
+        env = dict(os.environ, DS_ACCELERATOR="cpu", **(extra_env or {}))
         result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "unit")],
                                 cwd=REPO, env=env, capture_output=True, text=True)
-        row["unit_tests"] = "pass" if result.returncode == 0 else "fail"
+        row["unit_tests"] = table.PASS if result.returncode == 0 else table.FAIL
         if result.returncode:
             row["notes"].append("unit tests: " + result.stdout[-1500:])
     return row
@@ -154,23 +150,23 @@ def cells(per_rank: list[dict], *, crashed: bool) -> dict[str, str]:
     for column in COLUMNS:
         results = [rank.get(column) for rank in per_rank]
         if crashed or not results or any(r is None for r in results):
-            out[column] = "not run (worker crashed)"
+            out[column] = table.CRASHED
         elif all(r.get("ok") for r in results):
-            out[column] = "pass"
+            out[column] = table.PASS
         elif all(str(r.get("error", "")).startswith("UnsupportedReleaseError") for r in results):
-            out[column] = "refused"
+            out[column] = table.REFUSED
         elif column in UPSTREAM_ONLY:
-            out[column] = "fails upstream"
+            out[column] = table.FAILS_UPSTREAM
         else:
-            out[column] = "fail"
+            out[column] = table.FAIL
     # The release itself is refused: every column says so (the reason is in the notes).
-    if out.get("shape_checks") == "refused":
-        return {column: "refused" for column in COLUMNS}
+    if out.get("shape_checks") == table.REFUSED:
+        return {column: table.REFUSED for column in COLUMNS}
     # A shim column that fails only because EP itself is broken upstream says so.
-    if out.get("gradients") == "fails upstream" and out.get("zero3_step") == "fail":
-        out["zero3_step"] = "fails upstream"
-    if out.get("forward") == "fails upstream" and out.get("load_equals_ep_only") == "fail":
-        out["load_equals_ep_only"] = "fails upstream"
+    if out.get("gradients") == table.FAILS_UPSTREAM and out.get("zero3_step") == table.FAIL:
+        out["zero3_step"] = table.FAILS_UPSTREAM
+    if out.get("forward") == table.FAILS_UPSTREAM and out.get("load_equals_ep_only") == table.FAIL:
+        out["load_equals_ep_only"] = table.FAILS_UPSTREAM
     return out
 
 
@@ -194,28 +190,53 @@ def notes(row: dict) -> list[str]:
 
 
 def restore_pins() -> None:
-    for name, version in PINNED.items():
+    for name, version in pinned().items():
         if installed(name) != version:
             pip_install(f"{name}=={version}", build=name == "deepspeed", deps=name == "transformers")
 
 
+def newest_release() -> str:
+    """The newest transformers release on the package index."""
+    out = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "transformers"], capture_output=True,
+                         text=True, env=dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1"))
+    found = re.search(r"^transformers \(([^)]+)\)", out.stdout, re.MULTILINE)
+    if not found:
+        raise SystemExit(f"could not read the newest transformers from the package index:\n{out.stdout}{out.stderr}")
+    return found.group(1)
+
+
+def row_name(release: str, args) -> str:
+    extras = (("wrapt", args.wrapt), ("deepspeed", args.deepspeed), ("torch", args.torch))
+    return release + "".join(f"+{name}{version}" for name, version in extras if version)
+
+
 def command_run(args) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
-    releases = args.releases or DEFAULT_RELEASES
+    releases = [newest_release()] if args.newest else (args.releases or DEFAULT_RELEASES)
     failures = 0
     try:
         for release in releases:
+            unverified = Version(release) >= first_unverified()
+            # a release newer than the verified range runs with the documented opt-in (the shape checks still run)
+            extra_env = {"EP_DS_SHIM_ALLOW_UNVERIFIED": "1"} if unverified else {}
             started = datetime.datetime.now()
             row = run_row(release, wrapt_version=args.wrapt, deepspeed_version=args.deepspeed,
-                          unit_tests=args.unit_tests)
-            name = release + (f"+wrapt{args.wrapt}" if args.wrapt else "") + (f"+deepspeed{args.deepspeed}" if args.deepspeed else "")
-            row["row"] = name
+                          unit_tests=args.unit_tests, extra_env=extra_env)
+            name = row["row"] = row_name(release, args)
             row["seconds"] = round((datetime.datetime.now() - started).total_seconds(), 1)
             (OUT / f"{name}.json").write_text(json.dumps(row, indent=1))
-            summary = ", ".join(f"{m}: " + "/".join(c[0] if c == "pass" else c for c in cols.values())
+            summary = ", ".join(f"{m}: " + "/".join(c[0] if c == table.PASS else c for c in cols.values())
                                 for m, cols in row["models"].items())
             print(f"[matrix] {name} ({row['seconds']}s): {summary}", flush=True)
-            failures += sum(1 for cols in row["models"].values() for c in cols.values() if c in ("fail",) or c.startswith("not run"))
+            failed = [f"{m} {c}={v}" for m, cols in row["models"].items() for c, v in cols.items()
+                      if v in (table.FAIL, table.CRASHED)]
+            failures += len(failed)
+            if args.newest:
+                verdict = "FAILS: " + ", ".join(failed) if failed else "passes every column"
+                where = (f"newer than the verified range ({VERIFIED_TRANSFORMERS})" if unverified
+                         else "inside the verified range")
+                print(f"CANARY: transformers {release}, the newest on the package index, is {where}; its matrix "
+                      f"row {verdict}.", flush=True)
     finally:
         restore_pins()
     return 1 if failures and args.strict else 0
@@ -273,6 +294,9 @@ def command_check(args) -> int:
     problems = []
     for name, row in fresh.items():
         if name not in committed:
+            if args.newest and Version(row["release"]) >= first_unverified():
+                print(f"{name}: newer than the committed table; the CANARY line above is its verdict")
+                continue
             problems.append(f"{name}: not in the committed table (run `python tools/matrix.py render` and commit)")
             continue
         for model, cells_ in row["models"].items():
@@ -304,16 +328,18 @@ def markdown(matrix: dict) -> str:
         "the block equals the EP-only load weight for weight and in logits; **forward** EP-only logits equal the",
         "single-process model; **gradients** EP-only loss and every gradient equal it (no DeepSpeed: transformers' own",
         "EP); **ZeRO-3 step** `ep_ds_shim.initialize` + one step: logits, loss, gradients, gradient norm and weights",
-        "after AdamW equal it. *fails upstream* = transformers' EP is wrong there without this library; *refused* = the",
-        "library raises a clear error instead (the reason is in the notes).",
+        "after AdamW equal it; **export + reload** `ep_ds_shim.save_pretrained` of the trained engine (where training is",
+        "refused: of the model as loaded), reloaded in a plain single process with no missing, unexpected or",
+        "mismatched keys, every weight equal to the single-process model. *fails upstream* = transformers' EP is wrong",
+        "there without this library; *refused* = the library raises a clear error instead (the reason is in the notes).",
         "",
-        "| row | model | shape | load = EP-only | forward | gradients | ZeRO-3 step |",
-        "|---|---|---|---|---|---|---|",
+        "| row | model | shape | load = EP-only | forward | gradients | ZeRO-3 step | export + reload |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in sorted(matrix["rows"], key=_version_key):
         row = matrix["rows"][name]
         for model, cells_ in row["models"].items():
-            lines.append(f"| {name} | {model} | " + " | ".join(cells_.get(c, "") for c in COLUMNS) + " |")
+            lines.append(f"| {name} | {model} | " + " | ".join(cells_.get(c, "not run") for c in COLUMNS) + " |")
     lines += ["", "## Notes", ""]
     for name in sorted(matrix["rows"], key=_version_key):
         row = matrix["rows"][name]
@@ -334,8 +360,16 @@ def main(argv=None) -> int:
     run.add_argument("--deepspeed", help="also swap DeepSpeed to this version for these rows")
     run.add_argument("--strict", action="store_true", help="exit 1 if a shim column fails")
     run.add_argument("--unit-tests", action="store_true", help="also run tests/unit under these versions")
+    run.add_argument("--newest", action="store_true", help="the canary: the newest transformers on the package index")
+    run.add_argument("--torch", help="label of a row run in an environment with this torch (./run.sh builds it)")
     sub.add_parser("render")
-    sub.add_parser("check", help="compare rows in build/matrix with the committed table; exit 1 on mismatch")
+    check = sub.add_parser("check", help="compare rows in build/matrix with the committed table; exit 1 on mismatch")
+    check.add_argument("releases", nargs="*")  # the run's arguments, passed through by ./run.sh
+    check.add_argument("--newest", action="store_true", help="a canary row newer than the table is information only")
+    for option in ("--wrapt", "--deepspeed", "--torch"):
+        check.add_argument(option)
+    check.add_argument("--unit-tests", action="store_true")
+    check.add_argument("--strict", action="store_true")
     sub.add_parser("recell", help="recompute cells of rows in build/matrix from their raw results")
     args = parser.parse_args(argv)
     commands = {"run": command_run, "render": command_render, "check": command_check, "recell": command_recell}

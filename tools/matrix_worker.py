@@ -9,6 +9,9 @@ Columns (each recorded with its numbers; the matrix tool turns them into pass/fa
   load_equals_ep_only  EP load while ZeRO-3 is signalled, inside the block: every weight and the logits equal the
                        EP-only load
   zero3_step           ep_ds_shim.initialize + one step: logits, loss, gradients, grad norm, weights after AdamW
+  export_reload        ep_ds_shim.save_pretrained of the trained engine (where training is refused: of the EP model
+                       as loaded), reloaded in a plain single process: no missing / unexpected / mismatched keys, and
+                       every weight equal to the single-process model after the same step (or to the checkpoint)
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def main(report_path: str, *families: str) -> None:
     report = {"rank": rank, "families": {}}
     for item in families:
         family, _, path = item.partition("=")
-        report["families"][family] = run_family(family, path)
+        report["families"][family] = run_family(family, path, os.path.join(os.path.dirname(report_path), "exports"))
         gc.collect()
     with open(report_path.format(rank=rank), "w") as handle:
         json.dump(report, handle, indent=1, default=str)
@@ -41,7 +44,7 @@ def main(report_path: str, *families: str) -> None:
     dist.destroy_process_group()
 
 
-def run_family(family: str, path: str) -> dict:
+def run_family(family: str, path: str, export_root: str) -> dict:
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -141,10 +144,29 @@ def run_family(family: str, path: str) -> dict:
 
         grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()}
         engine.step()
+        state["engine"] = engine
         return testing.compare_step(engine, layout, ref, logits=out.logits, loss=out.loss, grads=grads,
                                     tolerance=TOLERANCE)
 
     record("zero3_step", zero3_step)
+
+    def export_reload():
+        # the trained engine; where training is refused (an upstream defect), the EP model as loaded
+        trained = "engine" in state
+        target = state.get("engine", state.get("zero3_model"))
+        if target is None:
+            return {"error": "no EP + ZeRO-3 load (see load_equals_ep_only)", "ok": False}
+        directory = os.path.join(export_root, family)
+        ep_ds_shim.save_pretrained(target, directory, max_shard_size="100KB")
+        unset_hf_deepspeed_config()  # the reload is a plain single-process load
+        reloaded, info = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, output_loading_info=True)
+        problems = {key: sorted(map(str, value)) for key, value in info.items() if value}
+        expected = ref["params"] if trained else {n: p.detach() for n, p in reference_model.named_parameters()}
+        diff = max(float((p.detach() - expected[n]).abs().max()) for n, p in reloaded.named_parameters())
+        return {"trained": trained, "loading_problems": problems, "max_param_diff": diff,
+                "ok": not problems and diff <= TOLERANCE}
+
+    record("export_reload", export_reload)
     del hf
     unset_hf_deepspeed_config()
     return columns

@@ -68,6 +68,29 @@ def run_job(argv, *, nproc: int, env: dict | None = None, cwd=None, timeout: flo
     return JobResult(returncode, output, collect_reports(str(report), nproc))
 
 
+def run_nodes(node_argvs: list[list], *, nproc: int, env: dict | None = None, cwd=None, timeout: float = 900,
+              report_dir=None) -> JobResult:
+    """Run one launcher command line per node at the same time (the same `{json}` and `{port}` in all of them),
+    as a multi-node job on this machine; collect the reports of global ranks 0..nproc-1."""
+    report_dir = Path(report_dir or tempfile.gettempdir())
+    report = report_dir / f"ep-ds-shim-report-{uuid.uuid4().hex[:12]}-{{rank}}.json"
+    port = str(free_port())
+    procs = [subprocess.Popen([str(a).replace("{json}", str(report)).replace("{port}", port) for a in argv], cwd=cwd,
+                              env=job_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for argv in node_argvs]
+    outputs, returncode = [], 0
+    for node, proc in enumerate(procs):
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+            out += f"\n[timed out after {timeout} s]"
+        returncode = returncode or proc.returncode
+        outputs.append(f"--- node {node} (exit {proc.returncode})\n{out}")
+    return JobResult(returncode, "\n".join(outputs), collect_reports(str(report), nproc))
+
+
 def _text(value) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else (value or "")
 

@@ -11,6 +11,15 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
+# How close a DeepSpeed bf16 run must be to the single-process DeepSpeed bf16 run of the same steps (README,
+# "Saving, resuming, exporting"). bf16 keeps 8 significant bits: with data parallelism DeepSpeed averages the
+# replicas' bf16 gradients where the single process computes one bf16 gradient of their batches together, so the two
+# round differently and drift apart slowly, as any two bf16 runs do. Measured on the tiny models over 20 steps:
+# dp=1 identical; dp=2 x ep=2 at most 0.038 on the loss and 0.008 on the weights. A wrong expert shard moves the
+# loss by 0.3-1 from the first step.
+BF16_LOSS_TOLERANCE = 5e-2
+BF16_PARAM_TOLERANCE = 2e-2
+
 OPTIMIZER = dict(lr=1e-3, eps=1e-4, weight_decay=0.01)
 """AdamW settings for parity checks. Adam's first step divides each gradient by its own magnitude, so with the
 default eps=1e-8 a gradient of 1e-9 and one of 2e-9 move a weight by very different amounts: float noise in
@@ -24,26 +33,32 @@ def batch_for(dp_rank: int, *, vocab_size: int = 128, batch: int = 2, seq: int =
     return torch.randint(0, vocab_size, (batch, seq), generator=generator)
 
 
-def reference_step(path, batches, *, clip: float = 1.0, optimizer=OPTIMIZER):
-    """One training step of a single-process model on the mean loss of `batches`.
+def reference_step(path, batches, *, clip: float = 1.0, optimizer=OPTIMIZER, model_class=None, device=None):
+    """One training step of a single-process model on the mean loss of `batches` (input_ids tensors, or dicts of
+    forward arguments with labels), on `device` (default CPU) with `model_class` (default AutoModelForCausalLM).
 
-    Returns logits and loss per batch (before the step), every gradient (before clipping) and every
-    parameter after one AdamW step, keyed by parameter name.
+    Returns the parameters before the step, logits and loss per batch (before the step), every gradient (before
+    clipping) and every parameter after one AdamW step, keyed by parameter name.
     """
     if is_deepspeed_zero3_enabled():
         raise RuntimeError("compute the reference before ZeRO-3 is signalled (HfDeepSpeedConfig alive)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = (model_class or AutoModelForCausalLM).from_pretrained(path, dtype=torch.float32).to(device or "cpu")
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
     model.train()
-    outputs = [model(input_ids=b, labels=b) for b in batches]
+    inputs = [b if isinstance(b, dict) else {"input_ids": b, "labels": b} for b in batches]
+    outputs = [model(**b) for b in inputs]
     loss = sum(o.loss for o in outputs) / len(outputs)
     loss.backward()
-    # Gradients as DeepSpeed reports them after backward (before the step clips them).
-    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    # Gradients as DeepSpeed reports them after backward (before the step clips them); a weight the forward did not
+    # use (a vision tower on a text batch, say) has none: zero, as DeepSpeed reports it.
+    grads = {name: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+             for name, p in model.named_parameters()}
     grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()])))
     if clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     torch.optim.AdamW(model.parameters(), **optimizer).step()
     return {
+        "initial": initial,
         "logits": [o.logits.detach() for o in outputs],
         "loss": [o.loss.item() for o in outputs],
         "grads": grads,

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import functools
 import hashlib
 import inspect
 import json
-import math
 import os
 import re
 import warnings
@@ -51,15 +51,20 @@ _RANK = 16  # low-rank projections (MLA q/kv LoRA ranks, gate ranks)
 _HEAD_DIM_DIVISOR = 8  # head dims without a fixed relation to hidden_size: 128 -> 16, 64 -> 8 (rope sections fit)
 _VISION = dict(hidden_size=32, intermediate_size=64, num_heads=4, depth=2, patch_size=4, image_size=16)
 
+def _last_is(first: str, last: str):
+    """A per-layer list for n tiny layers: `first` everywhere but the last layer."""
+    return lambda n: [first] * (n - 1) + [last] if n > 1 else [last]
+
+
 # Per-family settings that cannot be derived from attribute names. Keep this small; each entry says why. Nested
-# dicts apply to the sub-config of that name (``text_config``); a ``*`` key applies to the text config wherever it is.
+# dicts apply to the sub-config of that name (``text_config``); a callable gets the tiny layer count.
 _FAMILY_OVERRIDES: dict[str, dict] = {
     # The default config leaves layer_types None and the model indexes it per layer (upstream default is not
     # buildable); its values ("conv" / "full_attention") cannot be guessed from the config.
-    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "lfm2_moe": {"layer_types": _last_is("conv", "full_attention")},
     # The default text config leaves mlp_layer_types None and the decoder indexes it per layer ("dense"/"sparse").
-    "deepseek_ocr2": {"text_config": {"mlp_layer_types": ["dense", "sparse"]}},
-    "deepseek_ocr2_text": {"mlp_layer_types": ["dense", "sparse"]},
+    "deepseek_ocr2": {"text_config": {"mlp_layer_types": _last_is("dense", "sparse")}},
+    "deepseek_ocr2_text": {"mlp_layer_types": _last_is("dense", "sparse")},
     # The projector maps a number of image patches to a number of queries through a dict keyed by the released
     # patch counts (1225, 4900); a tiny 16 x 16 image with 4 x 4 patches has 16, which needs its own entry.
     "aria": {"projector_patch_to_query_dict": {"16": 4}, "max_value_projector_patch_to_query_dict": 4},
@@ -153,6 +158,7 @@ def _head_class_name(model_type: str, multimodal: bool) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def model_class_for(model_type: str):
     """The head class a tiny model of `model_type` is built with: the image-text-to-text head for a multimodal
     config, else the causal-LM head (falling back to the other mapping when a type is registered in only one)."""
@@ -309,8 +315,10 @@ def _select_layers(d: dict, n_layers: int, keep: int) -> list[int]:
             i < dense_prefix,
         )
 
+    moe_start = next((d[k] for k in d if _is_int(d[k]) and re.search(r"(moe|expert|sparse).*start|start.*(moe|expert)", k)), 0)
+
     def is_dense(i):
-        if i < dense_prefix:
+        if i < dense_prefix or i < moe_start:
             return True
         if any(i in s for k, s in index_lists.items() if "only" in k or "dense" in k):
             return True
@@ -378,14 +386,15 @@ def _shrink_rope(rope, rotary_dim_of):
 class _Level:
     """Shrinks one config level (a plain config, or one sub-config of a composite one), as a dict."""
 
-    def __init__(self, d: dict, cls, role: str, ctx: _Context, text_orig: dict | None = None):
+    def __init__(self, d: dict, cls, role: str, ctx: _Context):
         self.d, self.cls, self.role, self.ctx = d, cls, role, ctx
         self.orig = copy.deepcopy(d)
-        self.text_orig = text_orig or {}
         self.amap = dict(getattr(cls, "attribute_map", {}) or {})
         s = ctx.sizes
         if role == "text":
-            self.hidden, self.inter, self.heads = s["hidden_size"], s["expert_size"], 4
+            # 4 heads of hidden/4, but keep head dims >= 8 for small hidden sizes (rotary sections need room)
+            self.hidden, self.inter = s["hidden_size"], s["expert_size"]
+            self.heads = max(1, min(4, s["hidden_size"] // 8))
             self.keep_layers = s["num_layers"]
         else:
             self.hidden, self.inter, self.heads = _VISION["hidden_size"], _VISION["intermediate_size"], _VISION["num_heads"]
@@ -410,18 +419,18 @@ class _Level:
             q = self.orig_heads(key)
             if q is not None and value == q:  # MHA / MLA: as many kv heads as query heads
                 return self.heads
-            return 2 if self.heads % 2 == 0 else 1
+            return max(1, self.heads // 2)
         if "key_heads" in lowered:  # linear attention: fewer key heads than value heads
             values = [v for k, v in self.orig.items() if "value_heads" in k and _is_int(v)]
             if values and value == values[0]:
                 return self.heads
-            return 2
+            return max(1, self.heads // 2)
         return self.heads
 
     # -- the rules ----------------------------------------------------------------------------------------------
     def shrink(self) -> dict:
         d = self.d
-        n_key, n_layers = _layer_count(d)
+        _, n_layers = _layer_count(d)
         sel = _select_layers(d, n_layers, self.keep_layers) if n_layers else None
         self.sel = sel
         hidden_key = "hidden_size" if "hidden_size" in d else next(
@@ -437,7 +446,7 @@ class _Level:
         return new
 
     def rule(self, key, value, n_layers, sel):
-        ctx, s = self.ctx, self.ctx.sizes
+        ctx = self.ctx
         canon = self.amap.get(key, key)
         lowered = key.lower()
         if isinstance(value, dict) and key == "per_layer_config":
@@ -451,7 +460,11 @@ class _Level:
         # per-layer lists (layer_types, mlp_layer_types, no_rope_layers, per-layer head counts ...)
         if sel is not None and isinstance(value, (list, tuple)) and len(value) == n_layers and n_layers > 1:
             picked = [value[i] for i in sel]
-            if all(_is_int(x) for x in picked):
+            if _INDEX_LIST_KEY.search(key) and all(_is_int(x) and 0 <= x < n_layers for x in value) \
+                    and max(value) > 1:
+                # per-layer *layer indices* (e.g. the layer whose KV cache each layer reads): renumber them
+                picked = [sel.index(x) if x in sel else pos for pos, x in enumerate(picked)]
+            elif all(_is_int(x) for x in picked):
                 picked = [self.scalar(key, canon, x, n_layers, sel) for x in picked]
             return type(value)(picked) if isinstance(value, tuple) else picked
         if sel is not None and isinstance(value, (list, tuple)) and _INDEX_LIST_KEY.search(key) \
@@ -504,6 +517,13 @@ class _Level:
             return min(value, 1)
         if _GROUP_KEY.match(canon) or _GROUP_KEY.match(key):
             return 1
+        # heads and head dims
+        if "heads" in lowered or lowered in ("n_head", "num_heads", "attention_heads"):
+            return self.new_heads(key, value)
+        if "head_dim" in lowered or "d_head" in lowered or lowered.endswith("head_size"):
+            if value == 0:
+                return 0
+            return _even(value / _HEAD_DIM_DIVISOR)
         # layers
         if key in _LAYER_COUNT_KEYS and n_new is not None:
             return n_new
@@ -513,13 +533,6 @@ class _Level:
             or any(w in lowered for w in ("_period", "_interval", "_every_n", "sparse_step", "_freq", "pattern"))
         if sel is not None and layerish:
             return self.layer_scalar(key, value, n_layers, sel)
-        # heads and head dims
-        if "heads" in lowered or lowered in ("n_head", "num_heads", "attention_heads"):
-            return self.new_heads(key, value)
-        if "head_dim" in lowered or "d_head" in lowered or lowered.endswith("head_size"):
-            if value == 0:
-                return 0
-            return _even(value / _HEAD_DIM_DIVISOR)
         if "lora_rank" in lowered or lowered.endswith("_rank") and "dt_rank" not in lowered:
             return min(value, _RANK)
         if "dt_rank" in lowered:
@@ -684,7 +697,7 @@ class _Level:
                 new[key] = value
 
 
-def _shrink_tree(tree: dict, config, ctx: _Context, text_config, text_orig=None) -> dict:
+def _shrink_tree(tree: dict, config, ctx: _Context, text_config) -> dict:
     """Shrink a config dict and its sub-config dicts; the text decoder first (its sizes are anchors for the rest)."""
     subs = _sub_configs(config)
     text_key = next((k for k, v in subs.items() if v is text_config), None)
@@ -700,12 +713,13 @@ def _shrink_tree(tree: dict, config, ctx: _Context, text_config, text_orig=None)
     return out
 
 
-def _apply_overrides(tree: dict, overrides: dict) -> None:
+def _apply_overrides(tree: dict, overrides: dict, num_layers: int) -> None:
+    """Family overrides; a callable value is called with the tiny layer count (per-layer lists)."""
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(tree.get(key), dict) and key not in ("rope_parameters", "rope_scaling"):
-            _apply_overrides(tree[key], value)
+            _apply_overrides(tree[key], value, num_layers)
         else:
-            tree[key] = value
+            tree[key] = value(num_layers) if callable(value) else copy.deepcopy(value)
 
 
 def _add_optional_vision(config) -> None:
@@ -736,7 +750,7 @@ def tiny_config(model_type: str, *, num_experts: int = 4, top_k: int = 2, hidden
         ctx = _Context(sizes, tree)
         text = _text_config(default)
         shrunk = _shrink_tree(tree, default, ctx, text)
-        _apply_overrides(shrunk, _FAMILY_OVERRIDES.get(model_type, {}))
+        _apply_overrides(shrunk, _FAMILY_OVERRIDES.get(model_type, {}), num_layers)
         for key in ("transformers_version", "architectures", "_name_or_path"):
             shrunk.pop(key, None)
         config = type(default).from_dict(shrunk)

@@ -4,7 +4,8 @@
 
 After one step through `Accelerator.prepare` (inside `supply_deepspeed_groups`): `accelerator.get_state_dict(model)`
 and `accelerator.save_model(model, output_dir/accelerate)`, each recorded as what it returned / wrote or what it
-raised; then `ep_ds_shim.save_pretrained(model, output_dir/export)` for comparison.
+raised; DeepSpeed's `save_16bit_model(output_dir/sixteen)`; then `ep_ds_shim.save_pretrained(model,
+output_dir/export)` for comparison.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def main(path: str, output_dir: str, report_path: str) -> None:
                 k: list(v.shape) for k, v in result.items() if "experts" in k}}
         except Exception as error:  # noqa: BLE001 - recorded for the test
             report[name] = {"raised": type(error).__name__, "message": str(error), "trace": traceback.format_exc()[-1500:]}
+    model.save_16bit_model(os.path.join(output_dir, "sixteen"))  # `model` is the DeepSpeed engine here
     ep_ds_shim.save_pretrained(model, os.path.join(output_dir, "export"))
     testing.write_report(report_path, report, rank=rank)
     dist.barrier()
