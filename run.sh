@@ -37,9 +37,8 @@ make_env() {
     "${pip[@]}" -r "$ROOT/requirements/ci.txt"
     # DeepSpeed ships as an sdist: build it once against the installed torch, no ops compiled ahead of time, and
     # keep the wheel, so every other environment (matrix, wheel check) installs it in seconds.
-    local torch_version
-    torch_version="$("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
-    local cache="$WHEELS/$DEEPSPEED_SPEC-torch$torch_version"
+    # (DS_BUILD_OPS=0 gives a pure-Python wheel: it does not depend on the torch it was built against)
+    local cache="$WHEELS/$DEEPSPEED_SPEC"
     if ! ls "$cache"/deepspeed-*.whl >/dev/null 2>&1; then
         mkdir -p "$cache"
         DS_BUILD_OPS=0 "$venv/bin/python" -m pip wheel -q --no-deps --no-build-isolation -w "$cache" "$DEEPSPEED_SPEC"
@@ -99,7 +98,8 @@ case "${1:-}" in
         done
         [[ -f "$matrix_venv/.ready" ]] || { make_env "$matrix_venv" "$matrix_torch"; touch "$matrix_venv/.ready"; }
         "$matrix_venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
-        rm -f build/matrix/*.json
+        # a fresh set of rows, except for the canary, which reuses the newest release's row if this session ran it
+        [[ " $* " == *" --newest "* ]] || rm -f build/matrix/*.json
         "$matrix_venv/bin/python" tools/matrix.py run "$@"
         py tools/matrix.py check "$@" ;;
     wheel-check)

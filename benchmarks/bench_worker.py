@@ -1,109 +1,175 @@
-"""One rank of one benchmark measurement, in a fresh process so its peak RSS is its own.
+"""One rank of a benchmark job on the shim's side (the orchestrator is run.py).
 
-    torchrun --nproc_per_node N benchmarks/bench_worker.py <variant> <checkpoint> <report.json>
+    torchrun --nproc_per_node N benchmarks/bench_worker.py <mode> <checkpoint> <report-{rank}.json> [options]
 
-variants:
-  ep_only        EP load, ZeRO-3 not signalled (the baseline)
-  ep_zero3       EP load with ZeRO-3 signalled, inside ep_zero3_compat()
-  dense_zero3    what users do otherwise: ZeRO-3 signalled, no EP, zero.Init partitions every weight
-  ep_zero3_step  ep_zero3 + ep_ds_shim.initialize (DP x EP groups) + one training step
-  dense_zero3_step  dense_zero3 + deepspeed.initialize + one training step
+modes:
+  loads   the load-time ratio: in one process, alternating timed loads of
+            A = EP-only load (ZeRO-3 not signalled, no shim: the baseline) and
+            B = EP load with ZeRO-3 signalled, inside ep_zero3_compat() (the shim's path),
+          in the order --schedule gives (e.g. ABBAABBA), after one discarded warm-up load of each. Before every
+          load: garbage collected and heap returned to the OS, the checkpoint read once into the page cache (same
+          cache state for every load), a barrier, the peak-RSS counter reset. The shim's own time is timed
+          directly (shim_timers) as a cross-check of the ratio.
+  train   the shim's side of the AutoEP comparison: EP load under ZeRO-3 inside the block, ep_ds_shim.initialize
+          (DP x EP groups), --steps training steps on the same batches as the reference; losses, times, peak RSS.
+  scale   the realistic-size table: EP load under ZeRO-3 (timed, fingerprints timed), ep_ds_shim.initialize,
+          verify_expert_integrity, then the export (ep_ds_shim.save_pretrained) to --export-dir, each with its
+          peak RSS.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
-import resource
 import sys
 import time
+from pathlib import Path
 
-import torch
-import torch.distributed as dist
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def rss_now_mb() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+import common  # noqa: E402
+import shim_timers  # noqa: E402
 
 
-def rss_split_mb() -> dict:
-    """Resident memory right now, split into anonymous (heap: tensors) and file-backed (mmap'ed checkpoint)."""
-    fields = {}
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(("RssAnon:", "RssFile:")):
-                name, value, _ = line.split()
-                fields[name.rstrip(":")] = int(value) / 1024
-    return {"rss_anon_mb": fields.get("RssAnon"), "rss_file_mb": fields.get("RssFile")}
+def held_mb(model) -> float:
+    """Parameter + buffer bytes this rank holds (a DTensor's local shard; a ZeRO-3 parameter's partition)."""
+    total = 0
+    for tensor in (*model.parameters(), *model.buffers()):
+        if hasattr(tensor, "ds_tensor"):
+            total += tensor.ds_tensor.numel() * tensor.ds_tensor.element_size()
+        else:
+            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+            total += local.numel() * local.element_size()
+    return total / 2**20
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def phase(report: dict, name: str, fn, barrier=None):
+    """Run `fn` as one measured phase: peak RSS reset first; seconds, peak and RSS split recorded."""
+    if barrier:
+        barrier()
+    common.reset_peak()
+    before = common.status_mb()
+    started = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - started
+    after = common.status_mb()
+    report[name] = {"s": seconds, "peak_mb": common.peak_mb(), "rss_before_mb": before.get("VmRSS"),
+                    "anon_before_mb": before.get("RssAnon"), "file_before_mb": before.get("RssFile"),
+                    "anon_after_mb": after.get("RssAnon"), "file_after_mb": after.get("RssFile"),
+                    "timers": shim_timers.take()}
+    return result
 
 
-def main(variant: str, path: str, report_path: str) -> None:
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["loads", "train", "scale"])
+    parser.add_argument("checkpoint")
+    parser.add_argument("report")
+    parser.add_argument("--schedule", default="ABBA")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--export-dir")
+    parser.add_argument("--allow-unverified", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if args.allow_unverified:
+        os.environ["EP_DS_SHIM_ALLOW_UNVERIFIED"] = "1"
+
     import deepspeed
+    import torch
+    import torch.distributed as dist
+    import transformers
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     import ep_ds_shim
-    from ep_ds_shim import testing
+    from ep_ds_shim.testing import write_report
 
+    torch.set_num_threads(1)
+    shim_timers.install()
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     layout = ep_ds_shim.DPxEPLayout(world)
-    ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "steps_per_print": 10**9}
-    ep = variant.startswith("ep_")
-    kwargs = layout.from_pretrained_kwargs(path) if ep else {}
-    hf = HfDeepSpeedConfig(ds_config) if "zero3" in variant else None  # noqa: F841
-    dist.barrier()
-    baseline = rss_now_mb()
-    baseline_split = rss_split_mb()
-    started = time.perf_counter()
-    if variant.startswith("ep_zero3"):
-        with ep_ds_shim.ep_zero3_compat():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
-    load_seconds = time.perf_counter() - started
-    load_peak = peak_rss_mb()
-    held = sum(
-        (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
-        for p in model.parameters()
-        if not hasattr(p, "ds_numel")
-    ) + sum(p.ds_tensor.numel() * p.element_size() for p in model.parameters() if hasattr(p, "ds_tensor"))
-    report = {"rank": rank, "world": world, "variant": variant, "load_seconds": load_seconds,
-              "baseline_rss_mb": baseline, "load_peak_rss_mb": load_peak, "held_param_mb": held / 2**20,
-              "baseline_split": baseline_split, "after_load_split": rss_split_mb()}
-    if variant.endswith("_step"):
-        batch = testing.batch_for(layout.dp_rank, vocab_size=model.config.vocab_size, batch=1)
+    kwargs = layout.from_pretrained_kwargs(args.checkpoint)
+    path = args.checkpoint
+    report = {"rank": rank, "world": world, "mode": args.mode, "transformers": transformers.__version__,
+              "deepspeed": deepspeed.__version__, "torch": torch.__version__, "ep_size": layout.ep_size,
+              "dp_size": layout.dp_size}
+
+    def prewarmed_barrier():
+        common.release_memory()
         dist.barrier()
+        if rank == 0:
+            report.setdefault("prewarm_s", []).append(common.prewarm(path))
+        dist.barrier()
+
+    def shim_load():
+        block = ep_ds_shim.ep_zero3_compat()
         started = time.perf_counter()
-        optimizer = torch.optim.AdamW(model.parameters(), **testing.OPTIMIZER)
-        if ep:
-            engine, *_ = ep_ds_shim.initialize(model=model, layout=layout, optimizer=optimizer, config=ds_config)
-        else:
-            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-        report["initialize_seconds"] = time.perf_counter() - started
-        started = time.perf_counter()
-        loss = engine(input_ids=batch, labels=batch).loss
-        engine.backward(loss)
-        engine.step()
-        report["first_step_seconds"] = time.perf_counter() - started
-        report["step_peak_rss_mb"] = peak_rss_mb()
-    with open(report_path.format(rank=rank), "w") as handle:
-        json.dump(report, handle)
+        block.__enter__()
+        shim_timers.add("block enter", time.perf_counter() - started)
+        try:
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+        finally:
+            started = time.perf_counter()
+            block.__exit__(None, None, None)
+            shim_timers.add("block exit", time.perf_counter() - started)
+
+    if args.mode == "loads":
+        loads = []
+        schedule = ("AB" if args.schedule[0] == "A" else "BA") + args.schedule  # warm-ups: one load of each
+        for index, variant in enumerate(schedule):
+            hf = HfDeepSpeedConfig(common.ds_config()) if variant == "B" else None
+            assert is_deepspeed_zero3_enabled() == (variant == "B")
+            entry = {"variant": variant, "warmup": index < 2}
+            model = phase(entry, "load", shim_load if variant == "B" else
+                          lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs),
+                          barrier=prewarmed_barrier)
+            entry["held_mb"] = held_mb(model)
+            del model, hf
+            loads.append(entry)
+        report["loads"] = loads
+    elif args.mode == "train":
+        hf = HfDeepSpeedConfig(common.ds_config())  # noqa: F841 - ZeRO-3 signalled, as a DeepSpeed user has it
+        model = phase(report, "load", shim_load, barrier=prewarmed_barrier)
+        report["held_after_load_mb"] = held_mb(model)
+        optimizer = common.adamw(model.parameters())
+        engine, *_ = phase(report, "initialize", lambda: ep_ds_shim.initialize(
+            model=model, layout=layout, optimizer=optimizer, config=common.ds_config()), barrier=dist.barrier)
+        report["held_after_initialize_mb"] = held_mb(engine.module)
+        losses, times = [], []
+        common.reset_peak()
+        vocab = model.config.vocab_size
+        for step in range(args.steps):
+            batch = common.step_batch(step, vocab)
+            dist.barrier()
+            started = time.perf_counter()
+            loss = engine(input_ids=batch, labels=batch).loss
+            engine.backward(loss)
+            engine.step()
+            times.append(time.perf_counter() - started)
+            losses.append(loss.item())
+        report["steps"] = {"losses": losses, "s": times, "peak_mb": common.peak_mb(), "timers": shim_timers.take()}
+    else:  # scale
+        hf = HfDeepSpeedConfig(common.ds_config())  # noqa: F841
+        model = phase(report, "load", shim_load, barrier=prewarmed_barrier)
+        report["held_after_load_mb"] = held_mb(model)
+        engine, *_ = phase(report, "initialize", lambda: ep_ds_shim.initialize(
+            model=model, layout=layout, config=common.ds_config()), barrier=dist.barrier)
+        phase(report, "verify", lambda: ep_ds_shim.verify_expert_integrity(engine), barrier=dist.barrier)
+        if args.export_dir:
+            common.release_memory()
+            phase(report, "export", lambda: ep_ds_shim.save_pretrained(engine, args.export_dir), barrier=dist.barrier)
+    write_report(args.report, report, rank=rank)
     dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if os.environ.get("BENCH_PROFILE") and os.environ.get("RANK") == "0":
-        # `BENCH_PROFILE=out.prof`: profile rank 0 (how the README's profiler findings were made)
+        # `BENCH_PROFILE=out.prof`: cProfile of rank 0 (how the profiler findings in the README were made)
         import cProfile
 
-        cProfile.run("main(*sys.argv[1:4])", os.environ["BENCH_PROFILE"])
+        cProfile.run("main()", os.environ["BENCH_PROFILE"])
     else:
-        main(*sys.argv[1:4])
+        main()

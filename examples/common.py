@@ -54,8 +54,9 @@ def finish(args, layout, engine, reference, out, *, launcher: str, grads=None) -
     import torch.distributed as dist
 
     from ep_ds_shim import testing
+    from ep_ds_shim.experts import expert_parameters
 
-    expert_shapes = {n: tuple(p.shape) for n, p in engine.module.named_parameters() if "experts" in n.split(".")}
+    expert_shapes = {n: tuple(p.shape) for n, p in expert_parameters(engine.module).items()}
     first = next(iter(expert_shapes))
     rank = dist.get_rank()
     print(f"[rank {rank}] {launcher}: {layout}: {len(expert_shapes)} expert tensors, e.g. {first} {expert_shapes[first]}")

@@ -39,11 +39,13 @@ MATRIX_MD = REPO / "docs" / "support-matrix.md"
 # Oldest verified to newest published: the last patch of every minor (5.23 has one release so far).
 DEFAULT_RELEASES = [
     "5.6.2", "5.7.0", "5.8.1", "5.9.0", "5.10.4", "5.11.0", "5.12.1", "5.13.1", "5.14.1", "5.15.1", "5.16.1",
-    "5.17.0", "5.18.0", "5.19.0", "5.20.2", "5.21.1", "5.22.2", "5.23.0",
+    "5.17.0", "5.18.0", "5.19.0", "5.20.2", "5.21.1", "5.22.2", "5.23.0", "5.24.0",
 ]
 # Model types of a row: the first two always; the third is the first of the rest with an EP plan in the release.
 MODEL_TYPES = ["gpt_oss", "qwen3_moe"]
 THIRD_MODEL_TYPE = ["mixtral", "olmoe", "qwen2_moe", "deepseek_v3", "llama4_text"]
+# A multimodal head (ForConditionalGeneration, EP rules under `model.language_model.`), where the release has it.
+MULTIMODAL = "qwen3_vl_moe"
 COLUMNS = table.COLUMNS
 # Columns that run no ep-ds-shim code at all: a failure there is transformers' own.
 UPSTREAM_ONLY = ("forward", "gradients")
@@ -82,49 +84,49 @@ def python(code: str) -> str:
     return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
 
 
-def families_with_plans(release: str) -> dict[str, bool]:
-    code = (
-        "import json, transformers\n"
-        "from transformers import AutoConfig\n"
-        "from ep_ds_shim.testing import tiny_config_kwargs\n"
-        "out = {}\n"
-        f"for fam in {MODEL_TYPES + THIRD_MODEL_TYPE!r}:\n"
-        "    try:\n"
-        "        config = AutoConfig.for_model(fam, **tiny_config_kwargs(fam))\n"
-        "        out[fam] = bool(getattr(config, 'base_model_ep_plan', None))\n"
-        "    except Exception:\n"
-        "        out[fam] = False\n"
-        "print(json.dumps(out))\n"
-    )
-    return json.loads(python(code))
-
-
-def build_checkpoints(release: str, families: list[str]) -> dict[str, str]:
-    paths = {family: str(REPO / "build" / "ckpt" / release / family) for family in families}
-    code = "from ep_ds_shim.testing import build_tiny_moe\n" + "".join(
-        f"build_tiny_moe({path!r}, {family!r})\n" for family, path in paths.items()
-    )
-    python(code)
-    return paths
+def prepare_row(release: str) -> tuple[list[str], dict[str, str]]:
+    """In the row's environment (one interpreter): which candidate model types have an EP plan and a head, and their
+    tiny checkpoints (the fixed ones of the text families; the generic tiny model of the multimodal one)."""
+    code = f"""
+import json
+from ep_ds_shim.testing import build_tiny_moe, tiny_models
+plans = {{t: tiny_models.has_ep_plan(t) for t in {[*MODEL_TYPES, *THIRD_MODEL_TYPE, MULTIMODAL]!r}}}
+chosen = {MODEL_TYPES!r} + [next((t for t in {THIRD_MODEL_TYPE!r} if plans[t]), {THIRD_MODEL_TYPE[0]!r})]
+chosen += [{MULTIMODAL!r}] if plans[{MULTIMODAL!r}] else []
+paths = {{}}
+for t in chosen:
+    if plans[t]:
+        path = {str(REPO / "build" / "ckpt" / release)!r} + "/" + t
+        (tiny_models.build_tiny_model if t == {MULTIMODAL!r} else build_tiny_moe)(path, t)
+        paths[t] = path
+print(json.dumps({{"chosen": chosen, "paths": paths}}))
+"""
+    prepared = json.loads(python(code))
+    return prepared["chosen"], prepared["paths"]
 
 
 def run_row(release: str, *, wrapt_version: str | None, deepspeed_version: str | None, unit_tests: bool = False,
             extra_env: dict | None = None) -> dict:
+    started = datetime.datetime.now()
+
+    def phase(name):
+        print(f"  [{release}] {name} at {(datetime.datetime.now() - started).total_seconds():.0f}s", flush=True)
+
     pip_install(f"transformers=={release}", deps=True)
+    phase("installed")
     if wrapt_version:
         pip_install(f"wrapt=={wrapt_version}")
     if deepspeed_version:
         pip_install(f"deepspeed=={deepspeed_version}", build=True)
     versions = {name: installed(name) for name in ("transformers", "wrapt", "deepspeed", "torch", "accelerate")}
-    plans = families_with_plans(release)
-    chosen = [*MODEL_TYPES, next((f for f in THIRD_MODEL_TYPE if plans.get(f)), THIRD_MODEL_TYPE[0])]
-    with_plan = [f for f in chosen if plans.get(f)]
+    chosen, paths = prepare_row(release)
+    phase("checkpoints")
     row = {"release": release, "versions": versions, "models": {}, "raw": {}}
     for family in chosen:
-        if family not in with_plan:
+        if family not in paths:
             row["models"][family] = {column: table.NO_EP_PLAN for column in COLUMNS}
+    with_plan = list(paths)
     if with_plan:
-        paths = build_checkpoints(release, with_plan)
         job = run_job(torchrun(2, REPO / "tools" / "matrix_worker.py", "{json}",
                                *(f"{family}={path}" for family, path in paths.items())),
                       nproc=2, cwd=REPO, timeout=1800, env=extra_env, report_dir=OUT)
@@ -134,6 +136,7 @@ def run_row(release: str, *, wrapt_version: str | None, deepspeed_version: str |
             row["models"][family] = cells(per_rank, crashed=not job.ok and len(job.reports) < 2)
         if len(job.reports) < 2:
             row["crash"] = job.output[-4000:]
+        phase("worker")
     row["notes"] = notes(row)
     if unit_tests:
         env = dict(os.environ, DS_ACCELERATOR="cpu", **(extra_env or {}))
@@ -219,12 +222,17 @@ def command_run(args) -> int:
             unverified = Version(release) >= first_unverified()
             # a release newer than the verified range runs with the documented opt-in (the shape checks still run)
             extra_env = {"EP_DS_SHIM_ALLOW_UNVERIFIED": "1"} if unverified else {}
-            started = datetime.datetime.now()
-            row = run_row(release, wrapt_version=args.wrapt, deepspeed_version=args.deepspeed,
-                          unit_tests=args.unit_tests, extra_env=extra_env)
-            name = row["row"] = row_name(release, args)
-            row["seconds"] = round((datetime.datetime.now() - started).total_seconds(), 1)
-            (OUT / f"{name}.json").write_text(json.dumps(row, indent=1))
+            name = row_name(release, args)
+            done = OUT / f"{name}.json"
+            if args.newest and done.exists():  # already run by this session's full matrix: reuse it
+                row = json.loads(done.read_text())
+            else:
+                started = datetime.datetime.now()
+                row = run_row(release, wrapt_version=args.wrapt, deepspeed_version=args.deepspeed,
+                              unit_tests=args.unit_tests, extra_env=extra_env)
+                row["row"] = name
+                row["seconds"] = round((datetime.datetime.now() - started).total_seconds(), 1)
+                done.write_text(json.dumps(row, indent=1))
             summary = ", ".join(f"{m}: " + "/".join(c[0] if c == table.PASS else c for c in cols.values())
                                 for m, cols in row["models"].items())
             print(f"[matrix] {name} ({row['seconds']}s): {summary}", flush=True)

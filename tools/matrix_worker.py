@@ -45,12 +45,12 @@ def main(report_path: str, *families: str) -> None:
 
 
 def run_family(family: str, path: str, export_root: str) -> dict:
-    from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     import ep_ds_shim
     from ep_ds_shim import patch_registry, testing
+    from ep_ds_shim.testing import tiny_models
     from ep_ds_shim.experts import is_expert_parameter_name
     from ep_ds_shim.experts import local_tensor as local
 
@@ -70,21 +70,25 @@ def run_family(family: str, path: str, export_root: str) -> dict:
 
     record("shape_checks", shape_checks)
 
-    batch = testing.batch_for(0)
-    ref = testing.reference_step(path, [batch])
-    reference_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    # the head of this model type (a causal LM, or an image-text-to-text model) and one batch it takes
+    model_class = tiny_models.model_class_for(family)
+    batch = tiny_models.sample_inputs(model_class.config_class.from_pretrained(path))
+    ref = testing.reference_step(path, [batch], model_class=model_class)
+    reference_model = model_class.from_pretrained(path, dtype=torch.float32).eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
-        ref_eval_logits = reference_model(input_ids=batch).logits
+        ref_eval_logits = reference_model(**inputs).logits
     layout = ep_ds_shim.DPxEPLayout(world)
+    ep_kwargs = layout.from_pretrained_kwargs(path, model_class=model_class)
     state = {}
 
     def forward():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **layout.from_pretrained_kwargs(path)).eval()
+        model = model_class.from_pretrained(path, dtype=torch.float32, **ep_kwargs).eval()
         experts = [n for n, p in model.named_parameters() if is_expert_parameter_name(n)]
         sharded = all(local(p).shape[0] * world == dict(reference_model.named_parameters())[n].shape[0]
                       for n, p in model.named_parameters() if n in experts)
         with torch.no_grad():
-            logits = model(input_ids=batch).logits
+            logits = model(**inputs).logits
         state["ep_only"] = {n: local(p).detach().clone() for n, p in model.named_parameters()}
         state["ep_only_logits"] = logits
         diff = float((logits - ref_eval_logits).abs().max())
@@ -93,9 +97,9 @@ def run_family(family: str, path: str, export_root: str) -> dict:
     record("forward", forward)
 
     def gradients():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **layout.from_pretrained_kwargs(path))
+        model = model_class.from_pretrained(path, dtype=torch.float32, **ep_kwargs)
         model.train()
-        out = model(input_ids=batch, labels=batch)
+        out = model(**batch)
         out.loss.backward()
         grads = {n: local(p.grad).detach() for n, p in model.named_parameters() if p.grad is not None}
         missing = [n for n, p in model.named_parameters() if p.grad is None]
@@ -115,7 +119,7 @@ def run_family(family: str, path: str, export_root: str) -> dict:
 
     def load_equals_ep_only():
         with ep_ds_shim.ep_zero3_compat():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **layout.from_pretrained_kwargs(path))
+            model = model_class.from_pretrained(path, dtype=torch.float32, **ep_kwargs)
         state["zero3_model"] = model
         if "ep_only" not in state:
             return {"error": "no EP-only load to compare with (see forward)", "ok": False}
@@ -124,7 +128,7 @@ def run_family(family: str, path: str, export_root: str) -> dict:
         diff = max(float((weights[n] - state["ep_only"][n]).abs().max()) for n in weights) if same_names else None
         model.eval()
         with torch.no_grad():
-            logits = model(input_ids=batch).logits
+            logits = model(**inputs).logits
         model.train()
         logits_diff = float((logits - state["ep_only_logits"]).abs().max())
         return {"same_names": same_names, "weights": diff, "logits": logits_diff,
@@ -138,7 +142,7 @@ def run_family(family: str, path: str, export_root: str) -> dict:
             return {"error": "no EP + ZeRO-3 load (see load_equals_ep_only)", "ok": False}
         optimizer = torch.optim.AdamW(model.parameters(), **testing.OPTIMIZER)
         engine, *_ = ep_ds_shim.initialize(model=model, layout=layout, optimizer=optimizer, config=ds_config)
-        out = engine(input_ids=batch, labels=batch)
+        out = engine(**batch)
         engine.backward(out.loss)
         from deepspeed.utils import safe_get_full_grad
 
@@ -159,7 +163,7 @@ def run_family(family: str, path: str, export_root: str) -> dict:
         directory = os.path.join(export_root, family)
         ep_ds_shim.save_pretrained(target, directory, max_shard_size="100KB")
         unset_hf_deepspeed_config()  # the reload is a plain single-process load
-        reloaded, info = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, output_loading_info=True)
+        reloaded, info = model_class.from_pretrained(directory, dtype=torch.float32, output_loading_info=True)
         problems = {key: sorted(map(str, value)) for key, value in info.items() if value}
         expected = ref["params"] if trained else {n: p.detach() for n, p in reference_model.named_parameters()}
         diff = max(float((p.detach() - expected[n]).abs().max()) for n, p in reloaded.named_parameters())

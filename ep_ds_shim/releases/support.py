@@ -18,7 +18,7 @@ from ..errors import UnsupportedReleaseError
 
 # The transformers releases the matrix (docs/support-matrix.md) verified, oldest to newest. Keep in step with
 # pyproject.toml's dependency range and with the generated table; tests/unit/test_support_table.py checks it.
-VERIFIED_TRANSFORMERS = SpecifierSet(">=5.6.0,<5.24,!=5.19.*")
+VERIFIED_TRANSFORMERS = SpecifierSet(">=5.6.0,<5.25,!=5.19.*")
 VERIFIED_DEEPSPEED = SpecifierSet(">=0.19.0,<0.20")
 
 # Opting in to a transformers release newer than the last verified one. The shape checks still run.
@@ -107,7 +107,7 @@ def refusal_for(version: str) -> str | None:
 def support_hint() -> str:
     return (
         f"Supported transformers releases: {VERIFIED_TRANSFORMERS} (see docs/support-matrix.md). "
-        "Install one of them, e.g. `pip install 'transformers>=5.23,<5.24'`."
+        f"Install one of them, e.g. `pip install 'transformers>={first_unverified().major}.{first_unverified().minor - 1},<{first_unverified()}'`."
     )
 
 

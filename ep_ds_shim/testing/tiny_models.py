@@ -38,7 +38,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_M
 from ..experts import expert_parameters, local_tensor
 
 __all__ = [
-    "ep_model_types", "tiny_config", "model_class_for", "sample_inputs", "build_tiny_model", "expert_count",
+    "ep_model_types", "has_ep_plan", "tiny_config", "model_class_for", "sample_inputs", "build_tiny_model", "expert_count",
     "is_multimodal", "SIZES",
 ]
 
@@ -175,34 +175,31 @@ def model_class_for(model_type: str):
     return head
 
 
+def has_ep_plan(model_type: str) -> bool:
+    """`model_type`'s config (or a sub-config) has a non-empty ``base_model_ep_plan`` and the release has a causal-LM
+    or image-text-to-text head for it."""
+    if model_type not in CONFIG_MAPPING_NAMES or not _has_ep_plan_class(_config_class(model_type)):
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = AutoConfig.for_model(model_type)
+    except Exception:
+        return False
+    if not _has_ep_plan(config):
+        return False
+    name = _head_class_name(model_type, is_multimodal(config))
+    return name is not None and getattr(transformers, name, None) is not None
+
+
 def ep_model_types() -> list[str]:
-    """Model types of the installed transformers whose config (or a sub-config) has a non-empty
-    ``base_model_ep_plan`` and that have a causal-LM or image-text-to-text head, sorted.
+    """Model types of the installed transformers with an EP plan and a head (`has_ep_plan`), sorted.
 
     A ``<parent>_text`` sub-config type is dropped when its parent type is listed and it has no causal-LM class
     of its own (it is then only reachable through the parent's head)."""
-    found = {}
-    for model_type in sorted(CONFIG_MAPPING_NAMES):
-        cls = _config_class(model_type)
-        if not _has_ep_plan_class(cls):
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                config = AutoConfig.for_model(model_type)
-        except Exception:
-            continue
-        if not _has_ep_plan(config):
-            continue
-        name = _head_class_name(model_type, is_multimodal(config))
-        if name is None or getattr(transformers, name, None) is None:
-            continue
-        found[model_type] = name
+    found = [model_type for model_type in sorted(CONFIG_MAPPING_NAMES) if has_ep_plan(model_type)]
     clm = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    return [
-        t for t in found
-        if not (t.endswith("_text") and t[: -len("_text")] in found and t not in clm)
-    ]
+    return [t for t in found if not (t.endswith("_text") and t[: -len("_text")] in found and t not in clm)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

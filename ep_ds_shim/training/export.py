@@ -100,16 +100,23 @@ def agree_on_outcome(error: str | None, what: str) -> None:
         raise EpShimError(f"{what} failed on rank(s) {sorted(failed)}; nothing usable was written. Rank {rank}: {message}")
 
 
+# What makes transformers' `save_pretrained` treat a model as distributed: the config's `distributed_config` (5.15+:
+# gathers, distributed checkpoints, a closing world barrier) and the model's `_tp_size` (5.6-5.14: gathers).
+_DISTRIBUTED_MARKERS = (("config", "distributed_config"), ("model", "_tp_size"))
+
+
 @contextlib.contextmanager
-def single_process_config(model):
-    """transformers' `save_pretrained` gathers, writes distributed checkpoints and ends in a world barrier when the
-    model's config carries a `distributed_config`; hidden, it takes its plain single-process path."""
-    hidden = model.config.__dict__.pop("distributed_config", None)
+def single_process_save(model):
+    """While `save_pretrained` writes a state dict that is already whole, hide what makes it distributed, so it takes
+    its plain single-process path on the one rank that calls it."""
+    owners = {"config": model.config, "model": model}
+    hidden = {(owner, name): vars(owners[owner]).pop(name) for owner, name in _DISTRIBUTED_MARKERS
+              if name in vars(owners[owner])}
     try:
         yield
     finally:
-        if hidden is not None:
-            model.config.distributed_config = hidden
+        for (owner, name), value in hidden.items():
+            setattr(owners[owner], name, value)
 
 
 def save_pretrained(engine_or_model, save_directory, **save_pretrained_kwargs) -> None:
@@ -134,7 +141,7 @@ def save_pretrained(engine_or_model, save_directory, **save_pretrained_kwargs) -
     error = None
     if full is not None:
         try:
-            with single_process_config(model):
+            with single_process_save(model):
                 # the class's own method: the instance guard on a DeepSpeed-ready model is not entered again
                 type(model).save_pretrained(model, save_directory, state_dict=full, is_main_process=True,
                                             **save_pretrained_kwargs)
@@ -201,5 +208,5 @@ class SavePretrainedGuard:
                 f"{state_dict[partial[0]].shape[0]} of {record.expert_rows[partial[0]]} experts); nothing was "
                 "written. Call ep_ds_shim.save_pretrained(engine, dir) on every rank (or use ep_ds_shim.EPTrainer)."
             )
-        with single_process_config(model):
+        with single_process_save(model):
             return type(model).save_pretrained(model, save_directory, **kwargs)

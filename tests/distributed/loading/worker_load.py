@@ -37,6 +37,7 @@ def main(path: str, report_path: str) -> None:
 
     import ep_ds_shim
     from ep_ds_shim import testing
+    from ep_ds_shim.experts import is_expert_parameter_name, local_tensor
 
     report = {"rank": rank, "world": world}
     x = testing.batch_for(0)
@@ -69,8 +70,8 @@ def main(path: str, report_path: str) -> None:
     ep_rank = rank % world
     experts = {}
     for name, param in model.named_parameters():
-        if "experts" in name.split("."):
-            local = param.to_local() if hasattr(param, "to_local") else param
+        if is_expert_parameter_name(name):
+            local = local_tensor(param)
             expected = testing.expert_slice(ref_params[name].detach(), local.shape, ep_rank)
             experts[name] = {"shape": list(local.shape), "max_diff_vs_slice": max_diff(local.detach(), expected),
                              "full_shape": list(ref_params[name].shape)}
@@ -85,7 +86,7 @@ def main(path: str, report_path: str) -> None:
         "logits_max_diff": max_diff(logits, ref_logits),
         "zero3_signalled_during_load": True,
     }
-    block_state = {n: (p.to_local() if hasattr(p, "to_local") else p).detach().clone() for n, p in model.named_parameters()}
+    block_state = {n: local_tensor(p).detach().clone() for n, p in model.named_parameters()}
     del hf
     gc.collect()
 
@@ -96,7 +97,7 @@ def main(path: str, report_path: str) -> None:
     ep_only = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **ep_kwargs()).eval()
     with torch.no_grad():
         ep_logits = ep_only(input_ids=x).logits
-    ep_state = {n: (p.to_local() if hasattr(p, "to_local") else p).detach() for n, p in ep_only.named_parameters()}
+    ep_state = {n: local_tensor(p).detach() for n, p in ep_only.named_parameters()}
     report["ep_only_vs_block"] = {
         "same_names": sorted(ep_state) == sorted(block_state),
         "param_max_diff": max(max_diff(ep_state[n], block_state[n]) for n in ep_state),

@@ -23,6 +23,7 @@ def main(path: str, output_dir: str, report_path: str) -> None:
 
     import ep_ds_shim
     from ep_ds_shim import testing
+    from ep_ds_shim.experts import is_expert_parameter_name
 
     accelerator = Accelerator()
     import torch.distributed as dist
@@ -45,7 +46,7 @@ def main(path: str, output_dir: str, report_path: str) -> None:
         try:
             result = call()
             report[name] = {"raised": None, "returned": None if result is None else {
-                k: list(v.shape) for k, v in result.items() if "experts" in k}}
+                k: list(v.shape) for k, v in result.items() if is_expert_parameter_name(k)}}
         except Exception as error:  # noqa: BLE001 - recorded for the test
             report[name] = {"raised": type(error).__name__, "message": str(error), "trace": traceback.format_exc()[-1500:]}
     model.save_16bit_model(os.path.join(output_dir, "sixteen"))  # `model` is the DeepSpeed engine here

@@ -26,6 +26,7 @@ def main(path: str, mode: str, report_path: str) -> None:
 
     import ep_ds_shim
     from ep_ds_shim import testing
+    from ep_ds_shim.experts import expert_parameters
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -50,7 +51,7 @@ def main(path: str, mode: str, report_path: str) -> None:
             report["stage"] = "done"
         elif mode == "corrupt":
             if layout.ep_rank == 1:
-                name, param = next((n, p) for n, p in model.named_parameters() if "experts" in n.split("."))
+                name, param = next(iter(expert_parameters(model).items()))
                 with torch.no_grad():
                     param[0].add_(1.0)  # what a stray broadcast or a bad checkpoint slice would do
                 report["corrupted"] = name

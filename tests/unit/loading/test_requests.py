@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 import ep_ds_shim
 from ep_ds_shim.errors import EPRequestError
+from ep_ds_shim.experts import expert_parameters
 from ep_ds_shim.releases.lines import release_line_for
 from ep_ds_shim.releases.spelling import FlagWithDeviceMesh
 from ep_ds_shim.releases.support import transformers_version
@@ -153,7 +154,7 @@ def test_legacy_flag_without_zero3_warns_and_loads_as_upstream(tiny_checkpoint, 
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=torch.float32, distributed_config=DistributedConfig(enable_expert_parallel=True)
             )
-    experts = [p for n, p in model.named_parameters() if "experts" in n.split(".")]
+    experts = list(expert_parameters(model).values())
     assert experts and all(p.shape[0] == 4 for p in experts)  # every expert on the rank: EP was off
 
 

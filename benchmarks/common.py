@@ -1,0 +1,171 @@
+"""Shared by the benchmark's orchestrator (run.py) and its per-rank workers, in either environment: memory
+readings, page-cache pre-warming, checkpoint byte counts, the training set-up both sides of the AutoEP comparison
+use, and the statistics the tables are made of. Imports nothing heavy at module level.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import math
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+
+# --- the training set-up of the shim-vs-AutoEP comparison (both sides and the single-process reference) ---------
+LR, EPS, WEIGHT_DECAY, CLIP = 1e-3, 1e-4, 0.01, 1.0  # = ep_ds_shim.testing.OPTIMIZER, DeepSpeed's default clipping
+MICRO, SEQ = 2, 16  # samples per rank per step (every rank the same batch: one EP group), tokens per sample
+BATCH_SEED = 4321
+
+
+def step_batch(step: int, vocab_size: int):
+    """The batch of optimizer step `step`: the same on every rank (one EP group) and in the reference."""
+    import torch
+
+    generator = torch.Generator().manual_seed(BATCH_SEED + step)
+    return torch.randint(0, vocab_size, (MICRO, SEQ), generator=generator)
+
+
+def ds_config(*, autoep_size: int | None = None, family: str = "qwen3_moe") -> dict:
+    """The DeepSpeed config of both sides: ZeRO-3, fp32, clipping 1.0, one micro-batch per step; AutoEP's section
+    (as its docs and tests spell it) only for AutoEP."""
+    config = {
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": CLIP,
+        "steps_per_print": 10**9,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": 3},
+    }
+    if autoep_size is not None:
+        config["expert_parallel"] = {"enabled": True, "autoep_size": autoep_size, "preset_model": family}
+    return config
+
+
+def adamw(params):
+    import torch
+
+    return torch.optim.AdamW(params, lr=LR, eps=EPS, weight_decay=WEIGHT_DECAY)
+
+
+# --- memory -----------------------------------------------------------------------------------------------------
+
+
+def status_mb() -> dict:
+    """VmRSS / VmHWM (peak since start or since the last reset) / RssAnon / RssFile of this process, in MB."""
+    fields = {}
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            key = line.split(":", 1)[0]
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                fields[key] = int(line.split()[1]) / 1024
+    return fields
+
+
+def reset_peak() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0), so a phase's peak is its own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_mb() -> float:
+    """Peak RSS since the last `reset_peak` (VmHWM); without it, since the process started."""
+    value = status_mb().get("VmHWM")
+    return value if value is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def release_memory() -> None:
+    """Collect garbage and return freed heap to the OS, so the next measurement starts from the same state."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------------
+
+
+def checkpoint_files(path) -> list[Path]:
+    return sorted(Path(path).glob("*.safetensors"))
+
+
+def checkpoint_bytes(path) -> dict:
+    """{'dense': bytes, 'experts': bytes, 'total': bytes, 'files': bytes} from the safetensors headers."""
+    dense = experts = files = 0
+    for file in checkpoint_files(path):
+        files += file.stat().st_size
+        with open(file, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            nbytes = meta["data_offsets"][1] - meta["data_offsets"][0]
+            if "experts" in name.split(".")[:-1]:
+                experts += nbytes
+            else:
+                dense += nbytes
+    return {"dense": dense, "experts": experts, "total": dense + experts, "files": files}
+
+
+_READ_BUFFER = bytearray(16 << 20)
+
+
+def prewarm(path) -> float:
+    """Read every checkpoint file once, so each measurement starts with the whole checkpoint in the page cache
+    (the same cache state for every variant, whatever ran before). Returns the seconds it took."""
+    started = time.perf_counter()
+    view = memoryview(_READ_BUFFER)
+    for file in checkpoint_files(path):
+        with open(file, "rb", buffering=0) as handle:
+            while handle.readinto(view):
+                pass
+    return time.perf_counter() - started
+
+
+# --- statistics -------------------------------------------------------------------------------------------------
+
+
+def spread(values) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {}
+    out = {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
+    low, high = median_ci(values)
+    out.update(ci_low=low, ci_high=high)
+    return out
+
+
+def median_ci(values, confidence: float = 0.95) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median (order statistics of the binomial(n, 1/2)); with fewer
+    than 6 values the interval is the full range."""
+    ordered = sorted(values)
+    n = len(ordered)
+    if n < 6:
+        return ordered[0], ordered[-1]
+    alpha = 1 - confidence
+    # largest k with P(Binomial(n, 1/2) < k) <= alpha/2: the interval is [x_(k), x_(n-k+1)] (1-based)
+    cumulative, k = 0.0, 0
+    for j in range(n + 1):
+        p = math.comb(n, j) / 2**n
+        if cumulative + p > alpha / 2:
+            break
+        cumulative += p
+        k = j + 1
+    k = max(k, 1)
+    return ordered[k - 1], ordered[n - k]
+
+
+def relative_halfwidth(stats: dict) -> float:
+    """Half the width of the median's confidence interval, relative to the median."""
+    if not stats:
+        return math.inf
+    return (stats["ci_high"] - stats["ci_low"]) / 2 / stats["median"]
