@@ -93,9 +93,10 @@ case "${1:-}" in
         for ((i = 0; i < ${#args[@]}; i++)); do
             if [[ "${args[i]}" == "--torch" ]]; then
                 matrix_torch="torch==${args[i+1]}" matrix_venv="$ROOT/build/venvs/matrix-torch${args[i+1]}"
-                export TORCH_EXTENSIONS_DIR="$ROOT/build/torch_extensions-torch${args[i+1]}"
             fi
         done
+        # each environment keeps its own DeepSpeed op: torch rebuilds it when the interpreter's paths differ
+        export TORCH_EXTENSIONS_DIR="$ROOT/build/torch_extensions-$(basename "$matrix_venv")"
         [[ -f "$matrix_venv/.ready" ]] || { make_env "$matrix_venv" "$matrix_torch"; touch "$matrix_venv/.ready"; }
         "$matrix_venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
         # a fresh set of rows, except for the canary, which reuses the newest release's row if this session ran it

@@ -33,7 +33,7 @@ def default_device_type() -> str:
 
 # The library's own cross-rank checks wait at most this long for every rank to arrive (seconds).
 TIMEOUT_ENV = "EP_DS_SHIM_TIMEOUT"
-DEFAULT_TIMEOUT = 600.0
+DEFAULT_TIMEOUT = 1800.0  # torch's own default for a gloo process group
 _rounds: dict[tuple, int] = {}
 
 
@@ -41,11 +41,12 @@ def check_timeout() -> float:
     return float(os.environ.get(TIMEOUT_ENV, "") or DEFAULT_TIMEOUT)
 
 
-def exchange(topic: str, payload: dict, *, ranks: tuple[int, ...] | None = None, what: str = "") -> dict[int, dict]:
+def exchange(topic: str, payload: dict, *, ranks: tuple[int, ...] | None = None, what: str = "",
+             timeout: float | None = None) -> dict[int, dict]:
     """All-gather a small JSON payload among `ranks` (default: every rank), through the process group's key-value
     store rather than a collective, so a rank that never arrives is reported by name after `check_timeout()`
-    seconds (`CollectiveTimeoutError`) instead of hanging every other rank. Every rank of `ranks` must call it
-    with the same `topic`, the same number of times."""
+    seconds (or `timeout`) (`CollectiveTimeoutError`) instead of hanging every other rank. Every rank of `ranks`
+    must call it with the same `topic`, the same number of times."""
     world = dist.get_world_size()
     ranks = tuple(range(world)) if ranks is None else tuple(sorted(ranks))
     rank = dist.get_rank()
@@ -55,7 +56,7 @@ def exchange(topic: str, payload: dict, *, ranks: tuple[int, ...] | None = None,
     store = dist.distributed_c10d._get_default_store()
     store.set(prefix + str(rank), json.dumps(payload, sort_keys=True, default=str))
     keys = [prefix + str(r) for r in ranks]
-    timeout = check_timeout()
+    timeout = check_timeout() if timeout is None else timeout
     try:
         store.wait(keys, datetime.timedelta(seconds=timeout))
     except RuntimeError as error:  # the store's wait timed out (DistStoreError is a RuntimeError)

@@ -60,7 +60,7 @@ def finish(args, layout, engine, reference, out, *, launcher: str, grads=None) -
     first = next(iter(expert_shapes))
     rank = dist.get_rank()
     print(f"[rank {rank}] {launcher}: {layout}: {len(expert_shapes)} expert tensors, e.g. {first} {expert_shapes[first]}")
-    results = {"rank": rank, "launcher": launcher, "layout": repr(layout), "loss_value": float(out.loss),
+    results = {"rank": rank, "launcher": launcher, "layout": repr(layout), "loss_value": out.loss.item(),
                "expert_shapes": expert_shapes}
     if reference is not None:
         results.update(testing.compare_step(engine, layout, reference, logits=out.logits, loss=out.loss, grads=grads,

@@ -168,8 +168,10 @@ def cells(per_rank: list[dict], *, crashed: bool) -> dict[str, str]:
     # A shim column that fails only because EP itself is broken upstream says so.
     if out.get("gradients") == table.FAILS_UPSTREAM and out.get("zero3_step") == table.FAIL:
         out["zero3_step"] = table.FAILS_UPSTREAM
-    if out.get("forward") == table.FAILS_UPSTREAM and out.get("load_equals_ep_only") == table.FAIL:
-        out["load_equals_ep_only"] = table.FAILS_UPSTREAM
+    if out.get("forward") == table.FAILS_UPSTREAM:  # EP itself loads wrong weights: nothing after it can match
+        for column in ("load_equals_ep_only", "export_reload"):
+            if out.get(column) == table.FAIL:
+                out[column] = table.FAILS_UPSTREAM
     return out
 
 

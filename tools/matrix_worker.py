@@ -79,11 +79,13 @@ def run_family(family: str, path: str, export_root: str) -> dict:
     with torch.no_grad():
         ref_eval_logits = reference_model(**inputs).logits
     layout = ep_ds_shim.DPxEPLayout(world)
-    ep_kwargs = layout.from_pretrained_kwargs(path, model_class=model_class)
     state = {}
 
+    def ep_kwargs():  # inside each column: on a refused release, asking is what the column records as refused
+        return layout.from_pretrained_kwargs(path, model_class=model_class)
+
     def forward():
-        model = model_class.from_pretrained(path, dtype=torch.float32, **ep_kwargs).eval()
+        model = model_class.from_pretrained(path, dtype=torch.float32, **ep_kwargs()).eval()
         experts = [n for n, p in model.named_parameters() if is_expert_parameter_name(n)]
         sharded = all(local(p).shape[0] * world == dict(reference_model.named_parameters())[n].shape[0]
                       for n, p in model.named_parameters() if n in experts)
@@ -97,7 +99,7 @@ def run_family(family: str, path: str, export_root: str) -> dict:
     record("forward", forward)
 
     def gradients():
-        model = model_class.from_pretrained(path, dtype=torch.float32, **ep_kwargs)
+        model = model_class.from_pretrained(path, dtype=torch.float32, **ep_kwargs())
         model.train()
         out = model(**batch)
         out.loss.backward()
@@ -119,7 +121,7 @@ def run_family(family: str, path: str, export_root: str) -> dict:
 
     def load_equals_ep_only():
         with ep_ds_shim.ep_zero3_compat():
-            model = model_class.from_pretrained(path, dtype=torch.float32, **ep_kwargs)
+            model = model_class.from_pretrained(path, dtype=torch.float32, **ep_kwargs())
         state["zero3_model"] = model
         if "ep_only" not in state:
             return {"error": "no EP-only load to compare with (see forward)", "ok": False}

@@ -101,7 +101,7 @@ def compare_step(engine, layout, ref, *, logits, loss, grads=None, tolerance: fl
     """
     params = {n: full_fp32(p).detach().clone() for n, p in engine.module.named_parameters()}
     result = {
-        "loss": abs(float(loss) - ref["loss"][layout.dp_rank]),
+        "loss": abs(loss.item() - ref["loss"][layout.dp_rank]),
         "logits": float((logits.detach().float() - ref["logits"][layout.dp_rank]).abs().max()),
         "params": max(max_abs_diffs(params, ref["params"], layout.ep_rank).values()),
     }

@@ -18,7 +18,6 @@ overrides sit in `_FAMILY_OVERRIDES`, each with the reason it cannot be derived.
 from __future__ import annotations
 
 import copy
-import fcntl
 import functools
 import hashlib
 import inspect
@@ -36,6 +35,7 @@ from transformers.models.auto import modeling_auto
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
 
 from ..experts import expert_parameters, local_tensor
+from .tiny_moe import built_once, redraw
 
 __all__ = [
     "ep_model_types", "has_ep_plan", "tiny_config", "model_class_for", "sample_inputs", "build_tiny_model", "expert_count",
@@ -1017,43 +1017,18 @@ def _to_hub_layout(path: Path, patterns) -> int:
     return rewritten
 
 
-def _redraw(model, seed: int) -> None:
-    # Some releases zero-initialise router biases or leave experts at an init that makes them near-identical; a
-    # seeded normal re-draw of every float parameter makes each expert (and each rank's slice) distinct.
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if not param.is_floating_point():
-                continue
-            if "norm" in name:
-                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
-            else:
-                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
-
-
 def build_tiny_model(path: str | os.PathLike, model_type: str, *, seed: int = 0, **sizes) -> Path:
     """Build (once) and save a tiny random checkpoint of `model_type` at `path`; return the path.
 
-    Same scheme as `checkpoints.build_tiny_moe`: rebuilt when the transformers release, type, seed or sizes differ
-    from the stamp in `path`; a file lock lets every rank of a launcher call it (the first builds). After saving,
-    a single-process `from_pretrained` must reload it identically, else it raises.
+    Same scheme as `tiny_moe.build_tiny_moe` (`built_once`): rebuilt when the transformers release, type, seed or
+    sizes differ from the stamp in `path`. After saving, a single-process `from_pretrained` must reload it
+    identically, else it raises.
     """
-    path = Path(path)
     # The config's own digest too: a change of the shrinking rules (or of the release's defaults) rebuilds.
     digest = hashlib.sha256(tiny_config(model_type, **sizes).to_json_string(use_diff=False).encode()).hexdigest()
     stamp = {"transformers": transformers.__version__, "model_type": model_type, "seed": seed, "config": digest[:16],
              **sizes}
-    stamp_file = path / "ep_ds_shim_stamp.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
-            return path
-        if stamp_file.exists():
-            stamp_file.unlink()
-        _build(path, model_type, seed, sizes)
-        stamp_file.write_text(json.dumps(stamp))
-    return path
+    return built_once(path, stamp, lambda: _build(Path(path), model_type, seed, sizes))
 
 
 def _build(path: Path, model_type: str, seed: int, sizes: dict) -> None:
@@ -1063,7 +1038,7 @@ def _build(path: Path, model_type: str, seed: int, sizes: dict) -> None:
     head = model_class_for(model_type)
     torch.manual_seed(seed)
     model = head._from_config(config, dtype=torch.float32)
-    _redraw(model, seed)
+    redraw(model, seed)
     model.eval()
     path.mkdir(parents=True, exist_ok=True)
     for old in path.glob("*.safetensors"):

@@ -87,18 +87,40 @@ def build_tiny_moe(path: str | os.PathLike, model_type: str = "qwen3_moe", *, se
     The checkpoint is rebuilt when the transformers release, family or sizes differ from what `path` holds,
     so a cache directory can be shared across releases safely.
     """
-    path = Path(path)
     stamp = {"transformers": transformers.__version__, "model_type": model_type, "seed": seed, **sizes}
+    return built_once(path, stamp, lambda: _build(Path(path), model_type, seed, sizes))
+
+
+def built_once(path: str | os.PathLike, stamp: dict, build) -> Path:
+    """Run `build()` unless `path` already holds a checkpoint with this `stamp`. Every rank of a launcher may call
+    this at once: a file lock lets the first build while the others wait and reuse it."""
+    path = Path(path)
     stamp_file = path / "ep_ds_shim_stamp.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Every rank of a launcher may call this at once: the first builds, the others wait and reuse it.
     with open(path.parent / f".{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
             return path
-        _build(path, model_type, seed, sizes)
+        if stamp_file.exists():
+            stamp_file.unlink()
+        build()
         stamp_file.write_text(json.dumps(stamp))
     return path
+
+
+def redraw(model, seed: int) -> None:
+    """Some releases zero-initialise router biases or leave experts at an init that makes them near-identical; a
+    seeded normal re-draw of every float parameter makes each expert (and each rank's slice) distinct. A wide spread
+    (0.2) makes routing and every expert matter for the logits, so a wrong shard shows as a large difference."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if not param.is_floating_point():
+                continue
+            if "norm" in name:
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
 
 
 def _build(path: Path, model_type: str, seed: int, sizes: dict) -> None:
@@ -107,14 +129,6 @@ def _build(path: Path, model_type: str, seed: int, sizes: dict) -> None:
     config = AutoConfig.for_model(model_type, **tiny_config_kwargs(model_type, **sizes))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # Some releases zero-initialise router biases or leave experts at an init that makes them near-identical;
-    # a seeded normal re-draw of every float parameter makes each expert (and each rank's slice) distinct.
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if "norm" in name:
-                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
-            else:
-                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+    redraw(model, seed)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)

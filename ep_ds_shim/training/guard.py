@@ -60,8 +60,8 @@ class DeepSpeedGroupsCheck:
     def __call__(self, *args, **kwargs) -> None:
         if not self.record.deepspeed_ready:
             raise DeepSpeedGroupsError(
-                "deepspeed.initialize was given an EP model as transformers returned it (DTensor expert weights, no "
-                f"DP x EP groups). {HANDOVER_HINT}"
+                "deepspeed.initialize was given an EP model as transformers returned it, without the DP x EP groups "
+                f"(nothing has been changed yet). {HANDOVER_HINT}"
             )
         groups = _deepspeed_groups()
         rank = dist.get_rank()

@@ -63,6 +63,8 @@ def test_each_row_supports_what_the_code_claims(release):
         assert cells["forward"] in (matrix.PASS, matrix.FAILS_UPSTREAM), (release, model, cells)
         expected_load = matrix.PASS if cells["forward"] == matrix.PASS else matrix.FAILS_UPSTREAM
         assert cells["load_equals_ep_only"] == expected_load, (release, model, cells)
+        # the export of what the EP run holds reloads whole, wherever the EP load itself is right
+        assert cells["export_reload"] == expected_load, (release, model, cells)
     assert any(c["forward"] == matrix.PASS for c in with_plan.values()), f"{release}: no model loads with EP"
     defect = _releases.training_defect(release)
     gradients_fail = any(c["gradients"] != matrix.PASS for c in with_plan.values())
@@ -79,3 +81,19 @@ def test_readme_links_the_generated_table():
     readme = (REPO / "README.md").read_text()
     assert "docs/support-matrix.md" in readme
     assert (REPO / "docs" / "support-matrix.md").exists()
+
+
+def test_a_missing_table_is_a_loud_error(monkeypatch):
+    """A wheel built without its package data must say so, not report "no row" for a verified release."""
+    import pytest
+
+    from ep_ds_shim.errors import EpShimError
+
+    monkeypatch.setattr(matrix, "MATRIX_FILE", "no_such_file.json")
+    matrix.load.cache_clear()
+    try:
+        with pytest.raises(EpShimError, match="missing from this installation"):
+            matrix.row_for("5.24.0")
+    finally:
+        monkeypatch.undo()
+        matrix.load.cache_clear()
