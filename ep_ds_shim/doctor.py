@@ -190,10 +190,11 @@ def print_human(report: dict) -> None:
         out(f"  DeepSpeed training of EP models is refused on this release: {report['training_refused']}\n")
     if report.get("upstream_fixed"):
         out("  upstream already routes EP under ZeRO-3 through the standard path: the loading block patches nothing\n")
+    width = max((len(check["target"]) for check in report.get("checks", [])), default=0)
     for check in report.get("checks", []):
         status = "ok" if check["ok"] else ("WRAPPED BY ANOTHER LIBRARY" if check["wrapped_by"] else "DRIFT")
         extra = " (upstream already EP-aware)" if check.get("upstream_aware") else ""
-        out(f"  check {check['role']:<8} {check['target']:<75} {status}{extra}\n")
+        out(f"  check {check['role']:<8} {check['target']:<{width}} {status}{extra}\n")
     if "zero3_signalled" in report:
         out(f"  ZeRO-3 signalled right now: {report['zero3_signalled']}\n")
     dist = report["distributed"]
