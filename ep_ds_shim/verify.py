@@ -52,17 +52,21 @@ TOLERANCE = {"cpu": 1e-5, "cuda": 1e-4}  # CUDA kernels may sum in another order
 def main(args) -> int:
     os.environ.setdefault("DS_ACCELERATOR", args.device)
     os.environ.setdefault(ALLOW_UNVERIFIED_ENV, "1")  # verifying a newer release is what this command is for
+    work = Path(args.work_dir or os.path.join("build", "ep_ds_shim_verify")) / transformers_version()
+    model_types = args.model_types or tiny_models.ep_model_types()
+    num_experts = max(4, 2 * (args.ep_size or int(os.environ.get("WORLD_SIZE", "1"))))
+    # Every tiny checkpoint is built before the process group exists: once torch.distributed is initialised,
+    # transformers' save_pretrained writes on global rank 0 only (the first rank to take the file lock builds).
+    checkpoints = {model_type: _build(model_type, work, num_experts) for model_type in model_types}
     deepspeed.init_distributed(dist_backend="nccl" if args.device == "cuda" else "gloo")
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # the device on this node
     device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     layout = DPxEPLayout(args.ep_size or dist.get_world_size())
-    work = Path(args.work_dir or os.path.join("build", "ep_ds_shim_verify")) / transformers_version()
-    model_types = args.model_types or tiny_models.ep_model_types()
     tolerance = TOLERANCE[args.device]
     results = {}
     for model_type in model_types:
-        results[model_type] = verify_model_type(model_type, work, layout, device, tolerance)
+        results[model_type] = verify_model_type(model_type, checkpoints[model_type], work, layout, device, tolerance)
     everyone = exchange("verify_results", results, what="the verify summary")
     if dist.get_rank() == 0:
         print_table(everyone, layout, tolerance)
@@ -75,18 +79,34 @@ def main(args) -> int:
     return 0 if ok else 1
 
 
-def verify_model_type(model_type: str, work: Path, layout: DPxEPLayout, device, tolerance: float) -> dict:
+def _build(model_type: str, work: Path, num_experts: int):
+    """The tiny checkpoint's path, or why it could not be built."""
+    try:
+        return tiny_models.build_tiny_model(work / f"{model_type}-{num_experts}x", model_type, num_experts=num_experts)
+    except Exception as error:  # noqa: BLE001 - reported in the table
+        return error
+
+
+def verify_model_type(model_type: str, path, work: Path, layout: DPxEPLayout, device, tolerance: float) -> dict:
     """Every check of one model type on this rank: {check: {"ok": bool, figures...}}."""
     out: dict = {}
-    num_experts = max(4, 2 * layout.ep_size)
+    failure = None
     try:
-        path = tiny_models.build_tiny_model(work / f"{model_type}-{num_experts}x", model_type, num_experts=num_experts)
+        if isinstance(path, Exception):
+            raise path
         model_class = tiny_models.model_class_for(model_type)
         config = model_class.config_class.from_pretrained(path)
         batches = [_on(tiny_models.sample_inputs(config, seed=1234 + d), device) for d in range(layout.dp_size)]
         reference = oracle.reference_step(path, batches, model_class=model_class, device=device)
     except Exception as error:  # noqa: BLE001 - cannot even build the reference: every check says why
         failure = {"ok": False, "error": _short(error), "trace": traceback.format_exc()[-2000:]}
+    # The checks below are collective: every rank runs them, or none does (a rank that could not prepare would
+    # leave the others waiting in the load).
+    prepared = exchange("verify_prepare", {"error": failure and failure["error"]}, what=f"verify {model_type}")
+    failed = {rank: outcome["error"] for rank, outcome in prepared.items() if outcome["error"]}
+    if failed:
+        rank, error = next(iter(sorted(failed.items())))
+        failure = failure or {"ok": False, "error": f"rank {rank} could not prepare: {error}"}
         return {check: failure for check in CHECKS}
     engine = None
     ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0, "zero_optimization": {"stage": 3},

@@ -103,6 +103,12 @@ def built_once(path: str | os.PathLike, stamp: dict, build) -> Path:
             return path
         if stamp_file.exists():
             stamp_file.unlink()
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            raise RuntimeError(
+                f"building {path} on rank {torch.distributed.get_rank()}: once torch.distributed is initialised, "
+                "transformers' save_pretrained writes on global rank 0 only. Build tiny checkpoints before "
+                "init_process_group (every rank may call this; the first to take the lock builds)."
+            )
         build()
         stamp_file.write_text(json.dumps(stamp))
     return path
