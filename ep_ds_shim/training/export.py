@@ -48,6 +48,8 @@ def allow_local_state_dict():
 def gather_full_state_dict(model_or_engine, *, exclude_frozen_parameters: bool = False) -> dict | None:
     """Collective on every rank: the full state dict (module key names, every expert) on global rank 0, None on
     the others. Non-zero ranks hold at most one gathered tensor at a time."""
+    import deepspeed  # only reached once DeepSpeed is in use; the loading side never imports it
+
     model = unwrap(model_or_engine)
     record = record_of(model)
     rank = dist.get_rank()
@@ -67,28 +69,26 @@ def gather_full_state_dict(model_or_engine, *, exclude_frozen_parameters: bool =
         is_parameter = name in parameters
         if exclude_frozen_parameters and is_parameter and not tensor.requires_grad:
             continue
-        value = _gathered(tensor, is_parameter, experts.is_expert_parameter_name(name), in_first_replica, ep_group)
+        partitioned = is_parameter and hasattr(tensor, "ds_id")
+        gather = deepspeed.zero.GatheredParameters([tensor], modifier_rank=None) if partitioned else contextlib.nullcontext()
+        with gather:
+            value = _whole(tensor, experts.is_expert_parameter_name(name), in_first_replica, ep_group)
         if full is not None:
             full[name] = value
     return full
 
 
-def _gathered(tensor, is_parameter: bool, is_expert: bool, in_first_replica: bool, ep_group):
-    """One tensor, whole, on global rank 0 (a CPU copy); None elsewhere."""
-    import deepspeed  # a DeepSpeed-ready model is only exported once DeepSpeed is installed and in use
-
-    partitioned = is_parameter and hasattr(tensor, "ds_id")
-    gather = deepspeed.zero.GatheredParameters([tensor], modifier_rank=None) if partitioned else contextlib.nullcontext()
-    with gather:
-        value = tensor.detach()
-        if isinstance(value, DTensor):  # a model as transformers returned it: its own mesh collective
-            value = value.full_tensor()
-        elif is_expert and in_first_replica:
-            value = value.contiguous()
-            parts = [torch.empty_like(value) for _ in range(dist.get_world_size(ep_group))] if dist.get_rank() == 0 else None
-            dist.gather(value, parts, dst=0, group=ep_group)
-            value = torch.cat(parts, dim=0) if parts is not None else value
-        return value.cpu().clone() if dist.get_rank() == 0 else None
+def _whole(tensor, is_expert: bool, in_first_replica: bool, ep_group):
+    """One tensor (ZeRO-3 partitions already gathered), whole, on global rank 0 as a CPU copy; None elsewhere."""
+    value = tensor.detach()
+    if isinstance(value, DTensor):  # a model as transformers returned it: its own mesh collective
+        value = value.full_tensor()
+    elif is_expert and in_first_replica:
+        value = value.contiguous()
+        parts = [torch.empty_like(value) for _ in range(dist.get_world_size(ep_group))] if dist.get_rank() == 0 else None
+        dist.gather(value, parts, dst=0, group=ep_group)
+        value = torch.cat(parts, dim=0) if parts is not None else value
+    return value.cpu().clone() if dist.get_rank() == 0 else None
 
 
 # Writing a large model can take long on the writing rank while the others wait for its outcome; a rank that dies
