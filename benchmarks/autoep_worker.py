@@ -1,14 +1,17 @@
 """One rank of DeepSpeed AutoEP, as shipped (the other side of the shim-vs-AutoEP comparison; run.py starts it).
 
     torchrun --nproc_per_node N benchmarks/autoep_worker.py <checkpoint> <report-{rank}.json> [--steps K]
-             [--load plain|zinit] [--family qwen3_moe]
+             [--load plain|zinit] [--batch same|split] [--family qwen3_moe]
 
 The model is built the way AutoEP's documentation and tests build it: a plain `from_pretrained` on every rank
 (`--load plain`, the default: every rank loads the whole model), or with an `HfDeepSpeedConfig` alive so it loads
 under `zero.Init` (`--load zinit`). Then `deepspeed.initialize` with the config section
 `"expert_parallel": {"enabled": true, "autoep_size": <ranks>, "preset_model": <family>}`, which replaces the MoE
 layers and partitions the experts; nothing of AutoEP is patched. Same DeepSpeed config otherwise, same optimizer
-(torch AdamW), same batches (every rank the same one) and steps as the shim's side and the reference. A failure is
+(torch AdamW), same steps as the shim's side and the reference. Batches: `--batch same` gives every rank the step's
+whole batch, as the shim's EP group gets it (the same work per rank; AutoEP then routes duplicated tokens);
+`--batch split` gives each rank its own slice of it (micro-batch / ranks each: AutoEP's own data-parallel use, the
+same global batch). The loss reported is the mean over ranks (what the data-parallel step trains on). A failure is
 reported with its message and the innermost DeepSpeed/transformers frame.
 """
 
@@ -40,6 +43,7 @@ def main() -> None:
     parser.add_argument("report")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--load", default="plain", choices=["plain", "zinit"])
+    parser.add_argument("--batch", default="same", choices=["same", "split"])
     parser.add_argument("--family", default="qwen3_moe")
     parser.add_argument("--probe-export", action="store_true",
                         help="after the steps, try DeepSpeed's consolidated 16-bit save (records the outcome)")
@@ -59,27 +63,19 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     config = common.ds_config(autoep_size=world, family=args.family)
+    per_rank = common.MICRO // world if args.batch == "split" else common.MICRO
+    config["train_micro_batch_size_per_gpu"] = per_rank
+    common.warm_imports(args.checkpoint)
     report = {"rank": rank, "world": world, "transformers": transformers.__version__, "deepspeed": deepspeed.__version__,
-              "load_mode": args.load, "ds_config": config, "phase": "load"}
+              "load_mode": args.load, "batch_mode": args.batch, "ds_config": config, "phase": "load"}
     try:
         keep = HfDeepSpeedConfig(config) if args.load == "zinit" else None  # noqa: F841
 
         def prewarmed_barrier():
-            common.release_memory()
-            dist.barrier()
-            if rank == 0:
-                report["prewarm_s"] = common.prewarm(args.checkpoint)
-            dist.barrier()
+            common.prewarmed_barrier(report, args.checkpoint, rank, dist.barrier)
 
         def phase(name, fn, barrier):
-            barrier()
-            common.reset_peak()
-            before = common.status_mb()
-            started = time.perf_counter()
-            result = fn()
-            report[name] = {"s": time.perf_counter() - started, "peak_mb": common.peak_mb(),
-                            "rss_before_mb": before.get("VmRSS")}
-            return result
+            return common.measure(report, name, fn, barrier)
 
         model = phase("load", lambda: AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32),
                       prewarmed_barrier)
@@ -93,19 +89,27 @@ def main() -> None:
         report["autoep_layers"] = sum(isinstance(m, AutoEPMoELayer) for m in engine.module.modules())
         report["dp_world_size"] = engine.dp_world_size
         report["phase"] = "steps"
-        losses, times = [], []
+        losses, times, cpu_times = [], [], []
         common.reset_peak()
         vocab = engine.module.config.vocab_size
+        steady_profile = common.StepProfile(rank)  # BENCH_PROFILE_STEPS=out.prof: cProfile of rank 0's steps 3+
         for step in range(args.steps):
+            steady_profile.at_step(step)
             batch = common.step_batch(step, vocab)
+            if args.batch == "split":
+                batch = batch[rank * per_rank:(rank + 1) * per_rank]
             dist.barrier()
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             loss = engine(input_ids=batch, labels=batch).loss
             engine.backward(loss)
             engine.step()
             times.append(time.perf_counter() - started)
-            losses.append(loss.item())
-        report["steps"] = {"losses": losses, "s": times, "peak_mb": common.peak_mb()}
+            cpu_times.append(time.process_time() - cpu_started)
+            mean = loss.detach().clone()
+            dist.all_reduce(mean)  # every rank's batch has the same number of tokens: the mean is the step's loss
+            losses.append(mean.item() / world)
+        steady_profile.done()
+        report["steps"] = {"losses": losses, "s": times, "cpu_s": cpu_times, "peak_mb": common.peak_mb()}
         if args.probe_export:
             report["phase"] = "export probe"
             try:
@@ -128,4 +132,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    common.run_worker(main)

@@ -44,20 +44,8 @@ def held_mb(model) -> float:
 
 
 def phase(report: dict, name: str, fn, barrier=None):
-    """Run `fn` as one measured phase: peak RSS reset first; seconds, peak and RSS split recorded."""
-    if barrier:
-        barrier()
-    common.reset_peak()
-    before = common.status_mb()
-    started = time.perf_counter()
-    result = fn()
-    seconds = time.perf_counter() - started
-    after = common.status_mb()
-    report[name] = {"s": seconds, "peak_mb": common.peak_mb(), "rss_before_mb": before.get("VmRSS"),
-                    "anon_before_mb": before.get("RssAnon"), "file_before_mb": before.get("RssFile"),
-                    "anon_after_mb": after.get("RssAnon"), "file_after_mb": after.get("RssFile"),
-                    "timers": shim_timers.take()}
-    return result
+    """One measured phase (common.measure), with the shim's direct timers."""
+    return common.measure(report, name, fn, barrier, timers=shim_timers.take)
 
 
 def main() -> None:
@@ -90,26 +78,25 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     layout = ep_ds_shim.DPxEPLayout(world)
-    kwargs = layout.from_pretrained_kwargs(args.checkpoint)
     path = args.checkpoint
+    common.warm_imports(path)
+    kwargs = layout.from_pretrained_kwargs(path)
     report = {"rank": rank, "world": world, "mode": args.mode, "transformers": transformers.__version__,
               "deepspeed": deepspeed.__version__, "torch": torch.__version__, "ep_size": layout.ep_size,
               "dp_size": layout.dp_size}
 
     def prewarmed_barrier():
-        common.release_memory()
-        dist.barrier()
-        if rank == 0:
-            report.setdefault("prewarm_s", []).append(common.prewarm(path))
-        dist.barrier()
+        common.prewarmed_barrier(report, path, rank, dist.barrier)
 
-    def shim_load():
+    def shim_load(with_kwargs=False):
+        """What a user runs: the EP arguments for this release (train/scale: timed too), the block, the load."""
+        load_kwargs = layout.from_pretrained_kwargs(path) if with_kwargs else kwargs
         block = ep_ds_shim.ep_zero3_compat()
         started = time.perf_counter()
         block.__enter__()
         shim_timers.add("block enter", time.perf_counter() - started)
         try:
-            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **load_kwargs)
         finally:
             started = time.perf_counter()
             block.__exit__(None, None, None)
@@ -131,32 +118,37 @@ def main() -> None:
         report["loads"] = loads
     elif args.mode == "train":
         hf = HfDeepSpeedConfig(common.ds_config())  # noqa: F841 - ZeRO-3 signalled, as a DeepSpeed user has it
-        model = phase(report, "load", shim_load, barrier=prewarmed_barrier)
+        model = phase(report, "load", lambda: shim_load(True), barrier=prewarmed_barrier)
         report["held_after_load_mb"] = held_mb(model)
         optimizer = common.adamw(model.parameters())
         engine, *_ = phase(report, "initialize", lambda: ep_ds_shim.initialize(
             model=model, layout=layout, optimizer=optimizer, config=common.ds_config()), barrier=dist.barrier)
         report["held_after_initialize_mb"] = held_mb(engine.module)
-        losses, times = [], []
+        losses, times, cpu_times = [], [], []
         common.reset_peak()
         vocab = model.config.vocab_size
+        steady_profile = common.StepProfile(rank)  # BENCH_PROFILE_STEPS=out.prof: cProfile of rank 0's steps 3+
         for step in range(args.steps):
+            steady_profile.at_step(step)
             batch = common.step_batch(step, vocab)
             dist.barrier()
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             loss = engine(input_ids=batch, labels=batch).loss
             engine.backward(loss)
             engine.step()
             times.append(time.perf_counter() - started)
+            cpu_times.append(time.process_time() - cpu_started)
             losses.append(loss.item())
-        report["steps"] = {"losses": losses, "s": times, "peak_mb": common.peak_mb(), "timers": shim_timers.take()}
+        steady_profile.done()
+        report["steps"] = {"losses": losses, "s": times, "cpu_s": cpu_times, "peak_mb": common.peak_mb(), "timers": shim_timers.take()}
     else:  # scale
         hf = HfDeepSpeedConfig(common.ds_config())  # noqa: F841
-        model = phase(report, "load", shim_load, barrier=prewarmed_barrier)
+        model = phase(report, "load", lambda: shim_load(True), barrier=prewarmed_barrier)
         report["held_after_load_mb"] = held_mb(model)
         engine, *_ = phase(report, "initialize", lambda: ep_ds_shim.initialize(
             model=model, layout=layout, config=common.ds_config()), barrier=dist.barrier)
-        phase(report, "verify", lambda: ep_ds_shim.verify_expert_integrity(engine), barrier=dist.barrier)
+        for attempt in range(3):  # a cross-rank check: three calls, the median is reported
+            phase(report, f"verify{attempt}", lambda: ep_ds_shim.verify_expert_integrity(engine), barrier=dist.barrier)
         if args.export_dir:
             common.release_memory()
             phase(report, "export", lambda: ep_ds_shim.save_pretrained(engine, args.export_dir), barrier=dist.barrier)
@@ -166,10 +158,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if os.environ.get("BENCH_PROFILE") and os.environ.get("RANK") == "0":
-        # `BENCH_PROFILE=out.prof`: cProfile of rank 0 (how the profiler findings in the README were made)
-        import cProfile
-
-        cProfile.run("main()", os.environ["BENCH_PROFILE"])
-    else:
-        main()
+    common.run_worker(main)

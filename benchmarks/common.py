@@ -51,6 +51,15 @@ def adamw(params):
     return torch.optim.AdamW(params, lr=LR, eps=EPS, weight_decay=WEIGHT_DECAY)
 
 
+def warm_imports(path) -> None:
+    """Import the checkpoint's model class before anything is timed: a fresh process otherwise pays transformers'
+    lazy import of the modeling module (about a second) inside whichever load comes first."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(path))]
+
+
 # --- memory -----------------------------------------------------------------------------------------------------
 
 
@@ -88,6 +97,47 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
+
+
+def measure(report: dict, name: str, fn, barrier=None, timers=None):
+    """Run `fn` as one measured phase of a worker: the barrier, the peak-RSS counter reset, then seconds, CPU
+    seconds, peak RSS and the RSS split (anonymous / file-backed) before and after, under report[name]; the shim's
+    direct timers too when given (`timers()` returns and resets them)."""
+    if barrier:
+        barrier()
+    reset_peak()
+    before = status_mb()
+    started, cpu_started = time.perf_counter(), time.process_time()
+    result = fn()
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    after = status_mb()
+    report[name] = {"s": seconds, "cpu_s": cpu_seconds, "peak_mb": peak_mb(), "rss_before_mb": before.get("VmRSS"),
+                    "anon_before_mb": before.get("RssAnon"), "file_before_mb": before.get("RssFile"),
+                    "anon_after_mb": after.get("RssAnon"), "file_after_mb": after.get("RssFile")}
+    if timers is not None:
+        report[name]["timers"] = timers()
+    return result
+
+
+def prewarmed_barrier(report: dict, path, rank: int, barrier) -> None:
+    """The same start for every load: heap returned to the OS, then (rank 0, between two barriers) the whole
+    checkpoint read into the page cache; its seconds are appended to report['prewarm_s']."""
+    release_memory()
+    barrier()
+    if rank == 0:
+        report.setdefault("prewarm_s", []).append(prewarm(path))
+    barrier()
+
+
+def run_worker(main) -> None:
+    """A worker's entry point: `BENCH_PROFILE=out.prof` in its environment profiles rank 0 with cProfile (how the
+    profiler findings in the README were made)."""
+    if os.environ.get("BENCH_PROFILE") and os.environ.get("RANK") == "0":
+        import cProfile
+
+        cProfile.runctx("main()", globals(), {"main": main}, os.environ["BENCH_PROFILE"])
+    else:
+        main()
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------------
@@ -129,6 +179,27 @@ def prewarm(path) -> float:
             while handle.readinto(view):
                 pass
     return time.perf_counter() - started
+
+
+class StepProfile:
+    """`BENCH_PROFILE_STEPS=out.prof`: cProfile of rank 0's training steps from the third on (the steady state)."""
+
+    def __init__(self, rank: int, first: int = 2):
+        self.path = os.environ.get("BENCH_PROFILE_STEPS") if rank == 0 else None
+        self.first = first
+        self.profiler = None
+
+    def at_step(self, step: int) -> None:
+        if self.path and step == self.first:
+            import cProfile
+
+            self.profiler = cProfile.Profile()
+            self.profiler.enable()
+
+    def done(self) -> None:
+        if self.profiler is not None:
+            self.profiler.disable()
+            self.profiler.dump_stats(self.path)
 
 
 # --- statistics -------------------------------------------------------------------------------------------------

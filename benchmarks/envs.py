@@ -56,6 +56,16 @@ def ensure_autoep_env(log=print) -> Path:
     run("--no-deps", str(wheels[-1]))
     run(f"transformers=={AUTOEP_TRANSFORMERS}")
     run("--no-deps", "--no-build-isolation", "-e", str(REPO))
+    # DeepSpeed JIT-builds its CPU communication op on first use; torch rebuilds it whenever another interpreter
+    # loaded it last, so this environment keeps its own copy (built here, once).
+    subprocess.run([str(python), "-c", "from deepspeed.accelerator import get_accelerator; "
+                    "get_accelerator().create_op_builder('ShareMemCommBuilder').load()"],
+                   check=True, env=dict(env, **autoep_env_vars()))
     stamp.write_text(_stamp_text())
     return python
+
+
+def autoep_env_vars() -> dict:
+    """Environment variables of every process run with the AutoEP comparison's python."""
+    return {"TORCH_EXTENSIONS_DIR": str(REPO / "build" / "torch_extensions-bench-autoep"), "DS_ACCELERATOR": "cpu"}
 

@@ -1,127 +1,176 @@
-"""Benchmarks: load time, peak memory per rank and shim overhead, as ratios measured in one run.
+"""Benchmarks: ep-ds-shim against DeepSpeed AutoEP, at a realistic size, with targets the run decides itself.
 
-    ./run.sh bench                      # = python benchmarks/run.py
-    python benchmarks/run.py --repeats 5
+    ./run.sh bench             # = python benchmarks/run.py: the full run (< 15 minutes on an idle 2-core machine)
+    ./run.sh bench --quick     # small checkpoints only (a few minutes)
+    python benchmarks/run.py --sections compare,ratio --max-minutes 20
 
-Builds (once, under build/bench) MoE checkpoints of >= 200 MB, then measures, each in fresh processes over gloo
-ranks on this machine's CPU:
-  (a) EP-only load (no DeepSpeed) - the baseline
-  (b) EP load with ZeRO-3 signalled, inside ep_zero3_compat()
-  (c) dense ZeRO-3 load with zero.Init (no EP) - what users do otherwise
-and reports (b)/(a) and (b)/(c) for wall time and peak RSS (min/median/max over repeats), (b)'s peak RSS against
-the bytes a rank must hold, deepspeed.initialize + first step for DP x EP vs dense ZeRO-3, the in-process cost of
-entering/leaving the block and of a wrapped function called outside it, and how (a)/(b) grow with ranks and
-experts. Results: printed, and written to build/bench/results.json and benchmarks/results.md.
+Everything runs in fresh gloo jobs on this machine's CPU; every figure is a ratio between variants measured in
+the same run, or an absolute figure with the spread of its repeats. Tables (printed, written to
+benchmarks/results.md with the command and date, and to build/bench/results.json):
+
+1. shim vs AutoEP on the same checkpoint, ranks and batches: DeepSpeed AutoEP (0.19.8) fails inside
+   `deepspeed.initialize` on transformers 5.23+, so both sides run on transformers 5.22.2, in an environment of
+   their own (build/venvs/bench-autoep, made once like run.sh makes one). Loss after one and after several steps
+   against a single-process model; load time; peak RSS per rank; deepspeed.initialize; first step; steady-state
+   step; as shim/AutoEP ratios per round (rounds alternate which side runs first). The AutoEP failure on the main
+   environment's release is re-measured in the same run.
+2. realistic size (>= 1.5 GB, 64 experts per layer), 2 and 4 ranks: per rank load time, peak RSS against the
+   bytes the rank must hold, the integrity fingerprints and `verify_expert_integrity` as % of load time, the
+   export (`ep_ds_shim.save_pretrained`) time and peak RSS against the model's bytes.
+3. cost growth over experts (64 vs 128 per layer, same expert size) x ranks (2 vs 4).
+4. the shim's load against the EP-only load (target <= 1.05), decided by the run: both variants alternate
+   (ABBA) inside the same processes, each load after the checkpoint was read into the page cache (same cache
+   state for every load) and the heap returned to the OS; jobs alternate which variant comes first; pairs are
+   added until the 95% confidence interval of the median ratio is narrower than --precision or the time budget
+   is spent. Cross-check: the shim's own time, timed directly around its wrappers and post-load work.
+
+Checkpoints (qwen3_moe, built locally with ep_ds_shim.testing.build_tiny_moe) are built once under build/bench and
+reused while their stamp matches. `BENCH_PROFILE=out.prof` in a worker's environment profiles its rank 0
+(cProfile).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
-import socket
-import statistics
+import shlex
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 OUT = REPO / "build" / "bench"
-WORKER = Path(__file__).with_name("bench_worker.py")
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))
 
-# 32 experts x 2 layers of 512 x 768 SwiGLU experts: ~300 MB of fp32 weights, >95% of them experts.
-SIZES = dict(hidden_size=512, num_layers=2, expert_size=768, vocab_size=1024, top_k=2)
+import common  # noqa: E402
+import envs  # noqa: E402
+import render  # noqa: E402
 
+# Checkpoints: fp32, untied embeddings; vocab 1024, top-2 routing; qwen3_moe unless named otherwise.
+SIZES = {
+    "mixtral-small-64": dict(num_experts=64, hidden_size=128, num_layers=2, expert_size=64),
+    "small-64": dict(num_experts=64, hidden_size=128, num_layers=2, expert_size=64),
+    "small-128": dict(num_experts=128, hidden_size=128, num_layers=2, expert_size=64),
+    "medium-64": dict(num_experts=64, hidden_size=256, num_layers=4, expert_size=128),
+    "large-64": dict(num_experts=64, hidden_size=768, num_layers=8, expert_size=336),
+    "large-128": dict(num_experts=128, hidden_size=768, num_layers=8, expert_size=336),
+}
+COMMON_SIZES = dict(vocab_size=1024, top_k=2)
 
-def build(num_experts: int) -> Path:
-    path = OUT / f"qwen3_moe-{num_experts}x"
-    code = ("from ep_ds_shim.testing import build_tiny_moe\n"
-            f"build_tiny_moe({str(path)!r}, 'qwen3_moe', num_experts={num_experts}, **{SIZES!r})")
-    subprocess.run([sys.executable, "-c", code], check=True, env=_env())
-    return path
-
-
-def checkpoint_bytes(path: Path) -> tuple[int, int]:
-    """(dense bytes, expert bytes) from the safetensors headers."""
-    dense = experts = 0
-    for file in path.glob("*.safetensors"):
-        with open(file, "rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(size))
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            nbytes = meta["data_offsets"][1] - meta["data_offsets"][0]
-            if "experts" in name.split(".")[:-1]:
-                experts += nbytes
-            else:
-                dense += nbytes
-    return dense, experts
-
-
-def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / "build" / "torch_extensions")))
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+PLANS = {
+    "quick": {
+        # (checkpoint, steps, rounds, AutoEP's variants as load[:batch]: every one in the first round, the first after)
+        "compare": [("small-64", 6, 2, "plain,plain:split"), ("mixtral-small-64", 6, 1, "plain")],
+        "growth": {"sizes": ("small-64", "small-128"), "ranks": (2, 4)},
+        "ratio": "small-64",
+        "ratio_jobs": 3,
+        "minutes": 6.0,
+    },
+    "full": {
+        "compare": [("medium-64", 12, 3, "plain,plain:split"), ("mixtral-small-64", 6, 1, "plain"),
+                    ("large-64", 3, 2, "plain,plain:split")],
+        "growth": {"sizes": ("large-64", "large-128"), "ranks": (2, 4)},
+        "ratio": "large-64",
+        "ratio_jobs": 12,
+        "minutes": 14.0,
+    },
+}
+SECTIONS = ("overhead", "compare", "growth", "profile", "ratio")
 
 
-def measure(variant: str, path: Path, nproc: int) -> dict:
-    """One fresh torchrun job; returns the slowest rank's time and the largest per-rank peak RSS."""
-    report = OUT / f"r-{variant}-{nproc}-{{rank}}.json"
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-               f"--master_port={_port()}", str(WORKER), variant, str(path), str(report)]
-    proc = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=1800)
-    ranks = []
-    for rank in range(nproc):
-        file = Path(str(report).format(rank=rank))
-        if file.exists():
-            ranks.append(json.loads(file.read_text()))
-            file.unlink()
-    if len(ranks) != nproc:
-        raise RuntimeError(f"{variant} on {nproc} ranks failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
-    merged = {"load_seconds": max(r["load_seconds"] for r in ranks),
-              "anon_growth_mb": max(r["after_load_split"]["rss_anon_mb"] - r["baseline_split"]["rss_anon_mb"] for r in ranks),
-              "file_growth_mb": max(r["after_load_split"]["rss_file_mb"] - r["baseline_split"]["rss_file_mb"] for r in ranks),
-              "peak_rss_mb": max(r["load_peak_rss_mb"] for r in ranks),
-              "load_delta_mb": max(r["load_peak_rss_mb"] - r["baseline_rss_mb"] for r in ranks),
-              "held_param_mb": max(r["held_param_mb"] for r in ranks)}
-    for key in ("initialize_seconds", "first_step_seconds", "step_peak_rss_mb"):
-        if key in ranks[0]:
-            merged[key] = max(r[key] for r in ranks)
-    return merged
+def family_of(size: str) -> str:
+    return "mixtral" if size.startswith("mixtral") else "qwen3_moe"
 
 
-def spread(values: list[float]) -> dict:
-    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.plan = PLANS["quick" if args.quick else "full"]
+        self.started = time.monotonic()
+        self.deadline = self.started + 60 * (args.max_minutes or self.plan["minutes"])
+        self.logs = OUT / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.main_python = sys.executable
+        self.results: dict = {"sections": {}}
 
+    # --- infrastructure -----------------------------------------------------------------------------------------
 
-def ratios(numerator: list[dict], denominator: list[dict], key: str) -> dict:
-    """Per-repeat ratios (runs paired in the order they were measured, interleaved)."""
-    return spread([n[key] / d[key] for n, d in zip(numerator, denominator)])
+    def log(self, message: str) -> None:
+        print(f"[{time.monotonic() - self.started:6.0f}s] {message}", flush=True)
 
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
 
-def shim_overhead(repeats: int = 2000) -> dict:
-    """In-process: entering/leaving the block, and a wrapped function called outside any block."""
-    code = f"""
+    def checkpoint(self, name: str) -> Path:
+        """Build (once) the named checkpoint with the main environment's transformers; reuse it while its stamp
+        (sizes, seed) matches: every transformers 5.x release loads it, so both environments share it."""
+        sizes = {**SIZES[name], **COMMON_SIZES}
+        family = family_of(name)
+        path = OUT / (name if name.startswith(family) else f"{family}-{name}")
+        stamp = path / "bench_stamp.json"
+        want = {"model_type": family, "seed": 0, **sizes}
+        if stamp.exists() and json.loads(stamp.read_text()).get("sizes") == want and common.checkpoint_files(path):
+            return path
+        self.log(f"building checkpoint {path.relative_to(REPO)} ({sizes}); once")
+        if path.exists():
+            shutil.rmtree(path)
+        code = ("import json, sys, transformers\nfrom ep_ds_shim.testing import build_tiny_moe\n"
+                f"build_tiny_moe({str(path)!r}, {family!r}, **{sizes!r})\n")
+        subprocess.run([self.main_python, "-c", code], check=True, env=self.env(), capture_output=True)
+        import transformers
+
+        stamp.write_text(json.dumps({"sizes": want, "built_with_transformers": transformers.__version__}))
+        return path
+
+    def env(self, autoep_env: bool = False) -> dict:
+        env = {"PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false",
+               "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / "build" / "torch_extensions"))}
+        if autoep_env:
+            env.update(envs.autoep_env_vars())
+        return {**os.environ, **env}
+
+    def job(self, name: str, python, script: str, args: list, nproc: int, *, autoep_env=False, allow_fail=False,
+            timeout: float = 1800) -> tuple[int, list[dict]]:
+        """One fresh torchrun job; returns (exit status, every rank's report sorted by rank)."""
+        from ep_ds_shim.testing import run_job
+
+        argv = [str(python), "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+                "--master_port={port}", str(HERE / script), *map(str, args)]
+        started = time.monotonic()
+        result = run_job(argv, nproc=nproc, env=self.env(autoep_env), timeout=timeout, report_dir=OUT)
+        (self.logs / f"{name}.log").write_text(" ".join(shlex.quote(a) for a in argv) + "\n" + result.output)
+        reports = sorted(result.reports, key=lambda r: r["rank"])
+        self.log(f"  {name}: {time.monotonic() - started:.0f}s wall, exit {result.returncode}")
+        if not allow_fail and (result.returncode != 0 or len(reports) != nproc):
+            raise RuntimeError(f"benchmark job {name} failed (log: {self.logs / f'{name}.log'}):\n"
+                               f"{result.output[-4000:]}")
+        return result.returncode, reports
+
+    # --- sections -----------------------------------------------------------------------------------------------
+
+    def overhead(self) -> dict:
+        """In process: entering/leaving the block, and a wrapped function called outside any block."""
+        code = """
 import json, threading, timeit
 import transformers.modeling_utils as modeling_utils
 import ep_ds_shim
 original = modeling_utils.is_deepspeed_zero3_enabled
 with ep_ds_shim.ep_zero3_compat():
-    pass  # first entry pays the one-time shape checks; measure the steady state below
+    pass  # the first entry pays one-time imports; measure installing and the steady state below
 hold, held = threading.Event(), threading.Event()
 def holder():
     with ep_ds_shim.ep_zero3_compat():  # keeps the wrappers installed while this thread is outside the block
         held.set(); hold.wait()
 enter_exit_cold = timeit.timeit(lambda: ep_ds_shim.ep_zero3_compat().__enter__().__exit__(None, None, None), number=20) / 20
 thread = threading.Thread(target=holder); thread.start(); held.wait()
-enter_exit_warm = min(timeit.repeat(lambda: ep_ds_shim.ep_zero3_compat().__enter__().__exit__(None, None, None), number={repeats}, repeat=5)) / {repeats}
+enter_exit_warm = min(timeit.repeat(lambda: ep_ds_shim.ep_zero3_compat().__enter__().__exit__(None, None, None), number=2000, repeat=5)) / 2000
 wrapped = modeling_utils.is_deepspeed_zero3_enabled
 assert wrapped is not original
 n = 200000
@@ -131,107 +180,170 @@ hold.set(); thread.join()
 print(json.dumps(dict(enter_exit_install_us=enter_exit_cold * 1e6, enter_exit_installed_us=enter_exit_warm * 1e6,
                       unwrapped_call_ns=unwrapped_ns, wrapped_call_outside_block_ns=wrapped_ns)))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        out = subprocess.run([self.main_python, "-c", code], capture_output=True, text=True, env=self.env(),
+                             check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def compare(self) -> dict:
+        """Table 1: the shim's path and AutoEP on the same checkpoint, ranks and batches (transformers 5.22.2)."""
+        autoep_python = envs.ensure_autoep_env(log=self.log)
+        out = {"transformers": envs.AUTOEP_TRANSFORMERS, "runs": {}}
+        # AutoEP on the main environment's release, as a user there gets it (expected to fail on 5.23+)
+        out["main_env_autoep"] = {}
+        for size in ("small-64", "mixtral-small-64"):
+            family = family_of(size)
+            rc, reports = self.job(f"autoep-main-env-{family}", self.main_python, "autoep_worker.py",
+                                   [self.checkpoint(size), "{json}", "--steps", "1", "--family", family], 2,
+                                   allow_fail=True, timeout=600)
+            out["main_env_autoep"][family] = {"returncode": rc, "reports": reports}
+        for size, steps, rounds, loads in self.plan["compare"]:
+            if size.startswith("large") and self.left() < 60 * (6.5 if not self.args.quick else 1):
+                self.log(f"compare {size}: skipped, not enough time left in the budget ({self.left():.0f}s)")
+                continue
+            path = self.checkpoint(size)
+            self.log(f"compare on {path.name} ({steps} steps, {rounds} round(s)): reference")
+            reference = OUT / f"reference-{size}-{steps}.json"
+            subprocess.run([str(autoep_python), str(HERE / "reference.py"), str(path), str(reference), "--steps",
+                            str(steps)], check=True, env=self.env(True), capture_output=True)
+            family = family_of(size)
+            run = {"checkpoint": path.name, "family": family, "bytes": common.checkpoint_bytes(path), "steps": steps,
+                   "reference": json.loads(reference.read_text()), "rounds": []}
+            for index in range(rounds):
+                variants = (self.args.autoep_variants or loads).split(",")
+                sides = ["shim", *(f"autoep-{v.replace(':', '-')}" for v in variants)]
+                sides = sides if index == 0 or rounds > 2 else sides[:2]
+                order = sides if index % 2 == 0 else sides[::-1]
+                round_ = {"order": list(order)}
+                for side in order:
+                    if side == "shim":
+                        _, round_["shim"] = self.job(f"compare-{size}-r{index}-shim", autoep_python, "bench_worker.py",
+                                                     ["train", path, "{json}", "--steps", steps], 2, autoep_env=True)
+                    else:
+                        _, round_[side] = self.job(f"compare-{size}-r{index}-{side}", autoep_python,
+                                                   "autoep_worker.py", [path, "{json}", "--steps", steps,
+                                                                        "--family", family,
+                                                                        "--load", side.split("-")[1],
+                                                                        "--batch", (side.split("-") + ["same"])[2],
+                                                                        "--probe-export"], 2, autoep_env=True,
+                                                   allow_fail=True)
+                run["rounds"].append(round_)
+            out["runs"][size] = run
+        return out
+
+    def growth(self) -> dict:
+        """Tables 2 and 3: load, fingerprints, integrity check and export at the realistic sizes, 2 and 4 ranks."""
+        out = {"configs": []}
+        export_dir = OUT / "export-tmp"
+        for size in self.plan["growth"]["sizes"]:
+            path = self.checkpoint(size)
+            for nproc in self.plan["growth"]["ranks"]:
+                shutil.rmtree(export_dir, ignore_errors=True)
+                _, reports = self.job(f"growth-{size}-{nproc}ranks", self.main_python, "bench_worker.py",
+                                      ["scale", path, "{json}", "--export-dir", export_dir], nproc)
+                exported = sum(f.stat().st_size for f in export_dir.glob("*.safetensors"))
+                shutil.rmtree(export_dir, ignore_errors=True)
+                out["configs"].append({"checkpoint": path.name, "size": size, "ranks": nproc,
+                                       "bytes": common.checkpoint_bytes(path), "exported_bytes": exported,
+                                       "reports": reports})
+        return out
+
+    def profile(self) -> dict:
+        """cProfile of rank 0 of the realistic-size load + integrity check (the growth job without the export):
+        where the shim's own time goes, for the targets it misses."""
+        path = self.checkpoint(self.plan["growth"]["sizes"][0])
+        prof = OUT / "profile-shim-load.prof"
+        prof.unlink(missing_ok=True)
+        previous = os.environ.get("BENCH_PROFILE")
+        os.environ["BENCH_PROFILE"] = str(prof)
+        try:
+            self.job("profile-load", self.main_python, "bench_worker.py", ["scale", path, "{json}"], 2)
+        finally:
+            if previous is None:
+                os.environ.pop("BENCH_PROFILE", None)
+            else:
+                os.environ["BENCH_PROFILE"] = previous
+        return {"checkpoint": path.name, "file": str(prof.relative_to(REPO)), "entries": render.profile_entries(prof)}
+
+    def ratio(self) -> dict:
+        """Table 4: the shim's load / the EP-only load, until the median's 95% CI is narrower than --precision."""
+        path = self.checkpoint(self.plan["ratio"])
+        out = {"checkpoint": path.name, "bytes": common.checkpoint_bytes(path), "precision": self.args.precision,
+               "jobs": []}
+        job_seconds = None
+        for index in range(self.args.max_ratio_jobs or self.plan["ratio_jobs"]):
+            if index >= 2 and job_seconds and self.left() < job_seconds + 20:
+                self.log(f"ratio: stopping, time budget spent ({self.left():.0f}s left)")
+                out["stopped"] = "time budget"
+                break
+            schedule = ("ABBA" if index % 2 == 0 else "BAAB") * (self.args.pairs_per_job // 2)
+            started = time.monotonic()
+            _, reports = self.job(f"ratio-{index}", self.main_python, "bench_worker.py",
+                                  ["loads", path, "{json}", "--schedule", schedule], 2)
+            job_seconds = time.monotonic() - started
+            out["jobs"].append({"schedule": schedule, "reports": reports})
+            stats = common.spread(render.load_pairs(out)["ratio"])
+            halfwidth = common.relative_halfwidth(stats)
+            self.log(f"ratio after {stats['n']} pairs: median {stats['median']:.3f} "
+                     f"(95% CI {stats['ci_low']:.3f}-{stats['ci_high']:.3f}, +-{100 * halfwidth:.1f}%)")
+            if stats["n"] >= self.args.min_pairs and halfwidth <= self.args.precision:
+                out["stopped"] = "precision reached"
+                break
+        else:
+            out["stopped"] = "job cap"
+        return out
+
+    def run(self) -> dict:
+        sections = self.args.sections.split(",")
+        self.results.update(command=self.args.command, date=datetime.datetime.now().isoformat(timespec="seconds"),
+                            mode="quick" if self.args.quick else "full", machine=render.machine())
+        for section in SECTIONS:
+            if section not in sections:
+                continue
+            self.log(f"== {section}")
+            self.results["sections"][section] = getattr(self, section)()
+            (OUT / "results.json").write_text(json.dumps(self.results, indent=1, default=str))
+        self.results["seconds"] = time.monotonic() - self.started
+        (OUT / "results.json").write_text(json.dumps(self.results, indent=1, default=str))
+        return self.results
+
+
+def _started_by_run_sh() -> bool:
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as handle:
+            parent = handle.read().split(b"\0")
+    except OSError:
+        return False
+    return any(part.endswith(b"run.sh") for part in parent) and b"bench" in parent
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="small checkpoints only")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--max-minutes", type=float, help="time budget of the whole run (default: 14 full, 6 quick)")
+    parser.add_argument("--precision", type=float, default=0.015,
+                        help="stop adding load pairs once the median ratio's 95%% CI half-width is below this")
+    parser.add_argument("--min-pairs", type=int, default=24)
+    parser.add_argument("--pairs-per-job", type=int, default=6)
+    parser.add_argument("--max-ratio-jobs", type=int, help="cap on the ratio section's jobs (default 10 full, 3 quick)")
+    parser.add_argument("--autoep-variants",
+                        help="AutoEP's sides, comma-separated load[:batch]: load plain (from_pretrained on every rank, "
+                             "as its docs do) or zinit (under zero.Init); batch same (every rank the step's batch, "
+                             "default) or split (each rank a slice: the same global batch); e.g. plain,plain:split,zinit")
+    parser.add_argument("--render-only", action="store_true", help="re-render build/bench/results.json")
     args = parser.parse_args(argv)
+    rest = "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    args.command = ("./run.sh bench" if _started_by_run_sh() else "python benchmarks/run.py") + rest
     OUT.mkdir(parents=True, exist_ok=True)
-    base = build(32)
-    double = build(64)
-    dense_bytes, expert_bytes = checkpoint_bytes(base)
-    print(f"checkpoint {base.name}: {(dense_bytes + expert_bytes) / 2**20:.0f} MB "
-          f"(dense {dense_bytes / 2**20:.1f} MB, experts {expert_bytes / 2**20:.1f} MB)", flush=True)
-
-    runs = {"ep_only": [], "ep_zero3": [], "dense_zero3": []}
-    for repeat in range(args.repeats):  # interleaved, so drift in machine load hits every variant alike
-        for variant in runs:
-            runs[variant].append(measure(variant, base, 2))
-            print(f"  repeat {repeat + 1}: {variant:<12} {runs[variant][-1]}", flush=True)
-    steps = {"ep_zero3_step": [], "dense_zero3_step": []}
-    for repeat in range(max(1, args.repeats - 1)):
-        for variant in steps:
-            steps[variant].append(measure(variant, base, 2))
-            print(f"  repeat {repeat + 1}: {variant:<16} {steps[variant][-1]}", flush=True)
-    scaling = {}
-    for label, path, nproc in (("2 ranks, 32 experts", base, 2), ("4 ranks, 32 experts", base, 4),
-                               ("2 ranks, 64 experts", double, 2)):
-        for variant in ("ep_only", "ep_zero3"):
-            result = runs[variant][0] if (path, nproc) == (base, 2) else measure(variant, path, nproc)
-            scaling[f"{label} / {variant}"] = result
-            print(f"  scaling {label:<20} {variant:<9} {result}", flush=True)
-
-    must_hold_mb = (dense_bytes + expert_bytes / 2) / 2**20
-    results = {
-        "checkpoint_mb": (dense_bytes + expert_bytes) / 2**20,
-        "must_hold_per_rank_mb": must_hold_mb,
-        "load_time_b_over_a": ratios(runs["ep_zero3"], runs["ep_only"], "load_seconds"),
-        "peak_rss_b_over_a": ratios(runs["ep_zero3"], runs["ep_only"], "peak_rss_mb"),
-        "load_time_b_over_c": ratios(runs["ep_zero3"], runs["dense_zero3"], "load_seconds"),
-        "peak_rss_b_over_c": ratios(runs["ep_zero3"], runs["dense_zero3"], "peak_rss_mb"),
-        "load_delta_b_over_must_hold": spread([r["load_delta_mb"] / must_hold_mb for r in runs["ep_zero3"]]),
-        "held_params_b_over_must_hold": spread([r["held_param_mb"] / must_hold_mb for r in runs["ep_zero3"]]),
-        "anon_growth_b_over_must_hold": spread([r["anon_growth_mb"] / must_hold_mb for r in runs["ep_zero3"]]),
-        "file_growth_b_mb": spread([r["file_growth_mb"] for r in runs["ep_zero3"]]),
-        "absolute": {v: {k: spread([r[k] for r in rs]) for k in rs[0]} for v, rs in {**runs, **steps}.items()},
-        "initialize_plus_first_step_dpxep_over_dense": spread(
-            [(e["initialize_seconds"] + e["first_step_seconds"]) / (d["initialize_seconds"] + d["first_step_seconds"])
-             for e, d in zip(steps["ep_zero3_step"], steps["dense_zero3_step"])]),
-        "scaling": scaling,
-        "overhead": shim_overhead(),
-    }
-    (OUT / "results.json").write_text(json.dumps(results, indent=1))
-    table = render(results)
-    (Path(__file__).with_name("results.md")).write_text(table)
-    print(table)
+    if args.render_only:
+        results = json.loads((OUT / "results.json").read_text())
+    else:
+        results = Bench(args).run()
+    text = render.markdown(results)
+    (HERE / "results.md").write_text(text)
+    print()
+    print(text)
     return 0
-
-
-def render(r: dict) -> str:
-    def f(s, unit=""):
-        return f"{s['median']:.3f}{unit} ({s['min']:.3f}-{s['max']:.3f})"
-
-    ab, o = r["absolute"], r["overhead"]
-    lines = [
-        f"Checkpoint: {r['checkpoint_mb']:.0f} MB (qwen3_moe, 32 experts); 2 gloo ranks on CPU; median (min-max).",
-        "",
-        "| measure | ratio | target |",
-        "|---|---|---|",
-        f"| load time, (b) EP+ZeRO-3 in block / (a) EP-only | {f(r['load_time_b_over_a'])} | <= 1.05 |",
-        f"| peak RSS, (b) / (a) | {f(r['peak_rss_b_over_a'])} | <= 1.05 |",
-        f"| load time, (b) / (c) dense ZeRO-3 zero.Init | {f(r['load_time_b_over_c'])} | - |",
-        f"| peak RSS, (b) / (c) | {f(r['peak_rss_b_over_c'])} | - |",
-        f"| (b) RSS growth during load / bytes a rank must hold ({r['must_hold_per_rank_mb']:.0f} MB) | {f(r['load_delta_b_over_must_hold'])} | close to 1 |",
-        f"| (b) parameter bytes held / bytes a rank must hold | {f(r['held_params_b_over_must_hold'])} | 1 |",
-        f"| (b) anonymous (heap) RSS growth after load / bytes a rank must hold | {f(r['anon_growth_b_over_must_hold'])} | close to 1 |",
-        f"| (b) file-backed RSS growth after load (mmap'ed checkpoint pages), MB | {f(r['file_growth_b_mb'])} | - |",
-        f"| deepspeed.initialize + first step, DP x EP / dense ZeRO-3 | {f(r['initialize_plus_first_step_dpxep_over_dense'])} | - |",
-        "",
-        "| absolute (slowest rank) | load s | peak RSS MB | initialize s | first step s |",
-        "|---|---|---|---|---|",
-    ]
-    for variant, values in ab.items():
-        cells = [f(values[k]) if k in values else "" for k in ("load_seconds", "peak_rss_mb", "initialize_seconds", "first_step_seconds")]
-        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "| scaling (one run each) | load s | peak RSS MB | parameter MB held |",
-        "|---|---|---|---|",
-    ]
-    for label, values in r["scaling"].items():
-        lines.append(f"| {label} | {values['load_seconds']:.2f} | {values['peak_rss_mb']:.0f} | {values['held_param_mb']:.0f} |")
-    lines += [
-        "",
-        "| shim overhead (in process) | value | target |",
-        "|---|---|---|",
-        f"| first enter+exit (installs the wrappers after the shape checks) | {o['enter_exit_install_us']:.0f} us | < 1 ms |",
-        f"| enter+exit while installed | {o['enter_exit_installed_us']:.2f} us | < 1 ms |",
-        f"| wrapped function called outside the block | {o['wrapped_call_outside_block_ns']:.0f} ns (unwrapped {o['unwrapped_call_ns']:.0f} ns: +{o['wrapped_call_outside_block_ns'] - o['unwrapped_call_ns']:.0f} ns) | < 1 us extra |",
-    ]
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -58,17 +58,32 @@ def expert_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name: param for name, param in model.named_parameters() if is_expert_parameter_name(name)}
 
 
-# Fingerprints read every 61st element (a prime, so the sample does not line up with rows of any common width)
-# and weight each sampled position by (index mod 1009). Measured on a 300 MB checkpoint, reading every element in
-# float64 cost a quarter of the load time; the sample costs ~1/60 of that and still sees thousands of values of
-# every expert, which is what a clobbered or swapped shard changes. It is not meant to catch a single flipped bit.
-_STRIDE = 61
+# Fingerprints read a fixed sample of every expert: _BLOCKS runs of _BLOCK contiguous elements spread evenly over the
+# expert's slice (all of it when it is shorter). What the guard must catch (a shard clobbered by another rank's,
+# experts swapped or shifted) changes every expert throughout, so a few hundred values per expert see it. Contiguous
+# runs matter for the cost: an earlier sample of every 61st element still touched every cache line and page of the
+# shard and cost 3-4% of a 1.5 GB load per call (benchmarks/, profile section); runs touch a few lines per expert.
+# It is not meant to catch a single flipped bit.
+_BLOCK = 64
+_BLOCKS = 8
 _PERIOD = 1009
+
+
+def _sample(tensor: torch.Tensor) -> torch.Tensor:
+    """The fingerprinted elements of `tensor`, in float64: the same positions for the same shape."""
+    rows = tensor.detach().reshape(tensor.shape[0] if tensor.dim() else 1, -1)  # one row per expert
+    width = rows.shape[1]
+    if width > _BLOCK * _BLOCKS:
+        starts = [(width - _BLOCK) * block // (_BLOCKS - 1) for block in range(_BLOCKS)]
+        columns = torch.tensor([start + offset for start in starts for offset in range(_BLOCK)], device=rows.device)
+        rows = rows.index_select(1, columns)
+    return rows.reshape(-1).to(torch.float64)
 
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """Float64 reductions of a fixed sample of one tensor: its sum, a position-weighted sum, and its L2 norm.
+    """Float64 reductions of a fixed sample of one tensor (`_sample`: part of every expert's slice): its sum, a
+    position-weighted sum, and its L2 norm.
 
     The weighted sum catches permuted or swapped expert rows that keep the plain sum. Computed on the tensor's own
     device, exact for the same data on the same device. If the dtype changed since (DeepSpeed casting an fp32
@@ -85,7 +100,7 @@ class Fingerprint:
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> "Fingerprint":
-        sample = tensor.detach().reshape(-1)[::_STRIDE].to(torch.float64)
+        sample = _sample(tensor)
         weights = (torch.arange(sample.numel(), device=sample.device, dtype=torch.float64) % _PERIOD) + 1
         return cls(tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), float(sample.sum()),
                    float(torch.dot(sample, weights)), float(torch.linalg.vector_norm(sample)))

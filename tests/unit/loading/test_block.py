@@ -32,6 +32,16 @@ def assert_identical(before):
         assert after[key] is value, f"{key} was not restored to the identical object"
 
 
+def refusal(error=TargetDriftError) -> str:
+    """Open a block that must be refused with `error`; check nothing stayed patched; the message."""
+    before = snapshot()
+    with pytest.raises(error) as raised:
+        with ep_ds_shim.ep_zero3_compat():
+            pass
+    assert_identical(before)
+    return str(raised.value)
+
+
 def test_every_target_is_wrapped_inside_and_identical_after():
     before = snapshot()
     with ep_ds_shim.ep_zero3_compat():
@@ -144,13 +154,8 @@ def test_drifted_target_is_refused_and_nothing_is_patched(monkeypatch):
         return None
 
     monkeypatch.setattr(PreTrainedModel, "_initialize_missing_keys", _initialize_missing_keys)
-    before = snapshot()
-    with pytest.raises(TargetDriftError) as raised:
-        with ep_ds_shim.ep_zero3_compat():
-            pass
-    message = str(raised.value)
+    message = refusal()
     assert "_initialize_missing_keys" in message and "new_argument" in message and "nothing" in message
-    assert_identical(before)
 
 
 def test_gate_that_no_longer_consults_zero3_is_drift(monkeypatch):
@@ -324,12 +329,7 @@ def test_another_librarys_wrapper_is_named_once(monkeypatch):
     wrapped_question = wrapt.FunctionWrapper(modeling_utils.is_deepspeed_zero3_enabled, spy)
     monkeypatch.setattr(modeling_utils, "is_deepspeed_zero3_enabled", wrapped_question)
     monkeypatch.setattr(hf_accelerate, "is_deepspeed_zero3_enabled", wrapped_question)
-    before = snapshot()
-    with pytest.raises(TargetDriftError) as raised:
-        with ep_ds_shim.ep_zero3_compat():
-            pass
-    message = str(raised.value)
+    message = refusal()
     assert "another library" in message.lower()
     assert message.count("transformers.modeling_utils.is_deepspeed_zero3_enabled") == 1, message
     assert "pin a verified release" not in message.lower() and "doctor" not in message
-    assert snapshot() == before

@@ -168,8 +168,12 @@ def test_fingerprints_catch_changes_and_tolerate_dtype_casts():
     swapped = experts[[1, 0, *range(2, 8)]]  # two experts swapped: same plain sum
     assert not before.matches(Fingerprint.of(swapped))
     nudged = experts.clone()
-    nudged[5, 7, :] += 1e-3  # one row of one expert: the sample sees part of it (not meant for single bits)
+    nudged[5] += 1e-3  # one expert shifted slightly: every expert is sampled (not meant for single bits)
     assert not before.matches(Fingerprint.of(nudged))
+    replaced = experts.clone()
+    replaced[3] = torch.randn(300, 500)  # one expert's weights from elsewhere
+    assert not before.matches(Fingerprint.of(replaced))
+    assert not Fingerprint.of(torch.randn(3)).matches(Fingerprint.of(torch.randn(3)))  # short tensors: all read
     assert before.matches(Fingerprint.of(experts.to(torch.bfloat16)))  # DeepSpeed casting the model
     assert not before.matches(Fingerprint.of(torch.randn(8, 300, 500).to(torch.bfloat16)))  # other experts
 
