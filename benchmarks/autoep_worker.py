@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -89,27 +88,14 @@ def main() -> None:
         report["autoep_layers"] = sum(isinstance(m, AutoEPMoELayer) for m in engine.module.modules())
         report["dp_world_size"] = engine.dp_world_size
         report["phase"] = "steps"
-        losses, times, cpu_times = [], [], []
-        common.reset_peak()
-        vocab = engine.module.config.vocab_size
-        steady_profile = common.StepProfile(rank)  # BENCH_PROFILE_STEPS=out.prof: cProfile of rank 0's steps 3+
-        for step in range(args.steps):
-            steady_profile.at_step(step)
-            batch = common.step_batch(step, vocab)
-            if args.batch == "split":
-                batch = batch[rank * per_rank:(rank + 1) * per_rank]
-            dist.barrier()
-            started, cpu_started = time.perf_counter(), time.process_time()
-            loss = engine(input_ids=batch, labels=batch).loss
-            engine.backward(loss)
-            engine.step()
-            times.append(time.perf_counter() - started)
-            cpu_times.append(time.process_time() - cpu_started)
+        def mean_over_ranks(loss):
             mean = loss.detach().clone()
             dist.all_reduce(mean)  # every rank's batch has the same number of tokens: the mean is the step's loss
-            losses.append(mean.item() / world)
-        steady_profile.done()
-        report["steps"] = {"losses": losses, "s": times, "cpu_s": cpu_times, "peak_mb": common.peak_mb()}
+            return mean.item() / world
+
+        split = (lambda batch: batch[rank * per_rank:(rank + 1) * per_rank]) if args.batch == "split" else None
+        report["steps"] = common.timed_steps(engine, args.steps, engine.module.config.vocab_size, dist.barrier,
+                                             rank=rank, slice_batch=split, step_loss=mean_over_ranks)
         if args.probe_export:
             report["phase"] = "export probe"
             try:

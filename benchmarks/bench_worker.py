@@ -124,23 +124,8 @@ def main() -> None:
         engine, *_ = phase(report, "initialize", lambda: ep_ds_shim.initialize(
             model=model, layout=layout, optimizer=optimizer, config=common.ds_config()), barrier=dist.barrier)
         report["held_after_initialize_mb"] = held_mb(engine.module)
-        losses, times, cpu_times = [], [], []
-        common.reset_peak()
-        vocab = model.config.vocab_size
-        steady_profile = common.StepProfile(rank)  # BENCH_PROFILE_STEPS=out.prof: cProfile of rank 0's steps 3+
-        for step in range(args.steps):
-            steady_profile.at_step(step)
-            batch = common.step_batch(step, vocab)
-            dist.barrier()
-            started, cpu_started = time.perf_counter(), time.process_time()
-            loss = engine(input_ids=batch, labels=batch).loss
-            engine.backward(loss)
-            engine.step()
-            times.append(time.perf_counter() - started)
-            cpu_times.append(time.process_time() - cpu_started)
-            losses.append(loss.item())
-        steady_profile.done()
-        report["steps"] = {"losses": losses, "s": times, "cpu_s": cpu_times, "peak_mb": common.peak_mb(), "timers": shim_timers.take()}
+        report["steps"] = common.timed_steps(engine, args.steps, model.config.vocab_size, dist.barrier, rank=rank)
+        report["steps"]["timers"] = shim_timers.take()
     else:  # scale
         hf = HfDeepSpeedConfig(common.ds_config())  # noqa: F841
         model = phase(report, "load", lambda: shim_load(True), barrier=prewarmed_barrier)

@@ -181,6 +181,30 @@ def prewarm(path) -> float:
     return time.perf_counter() - started
 
 
+def timed_steps(engine, steps: int, vocab_size: int, barrier, *, rank: int, slice_batch=None, step_loss=None) -> dict:
+    """The measured training loop of both sides of the comparison: step `k` trains on `step_batch(k)` (sliced for
+    this rank if `slice_batch` is given) after a barrier; seconds, CPU seconds and the loss (`step_loss(loss)`,
+    default `loss.item()`) of every step, and the peak RSS of the loop. `BENCH_PROFILE_STEPS` profiles rank 0."""
+    losses, times, cpu_times = [], [], []
+    reset_peak()
+    profile = StepProfile(rank)
+    for step in range(steps):
+        profile.at_step(step)
+        batch = step_batch(step, vocab_size)
+        if slice_batch is not None:
+            batch = slice_batch(batch)
+        barrier()
+        started, cpu_started = time.perf_counter(), time.process_time()
+        loss = engine(input_ids=batch, labels=batch).loss
+        engine.backward(loss)
+        engine.step()
+        times.append(time.perf_counter() - started)
+        cpu_times.append(time.process_time() - cpu_started)
+        losses.append(step_loss(loss) if step_loss is not None else loss.item())
+    profile.done()
+    return {"losses": losses, "s": times, "cpu_s": cpu_times, "peak_mb": peak_mb()}
+
+
 class StepProfile:
     """`BENCH_PROFILE_STEPS=out.prof`: cProfile of rank 0's training steps from the third on (the steady state)."""
 

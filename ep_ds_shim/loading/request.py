@@ -13,6 +13,12 @@ from ..distributed import initialised
 from ..errors import EPRequestError
 from ..releases.support import transformers_version
 
+# EP-plan styles whose work happens outside the expert shards and that the DeepSpeed hand-over does not carry:
+# DeepSpeed reduces gradients over the data-parallel group only, never over an EP group.
+UNCARRIED_EP_STYLES = {
+    "replicated_with_grad_allreduce": "replicated on every EP rank, with its gradient summed over the EP group",
+}
+
 _DOWNLOAD_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
 
@@ -65,6 +71,15 @@ def validate_request(cls, args, kwargs, ep_size: int, line) -> None:
             f"{name} (model_type={getattr(config, 'model_type', '?')!r}) has no expert-parallel plan in this "
             "transformers release, so an EP load would silently keep every expert on every rank. Use a model "
             "family with an EP plan (see docs/support-matrix.md) or load it without EP."
+        )
+    uncarried = {key: style for key, style in experts.ep_plan_of(cls, config).items() if style in UNCARRIED_EP_STYLES}
+    if uncarried:
+        key, style = next(iter(sorted(uncarried.items())))
+        raise EPRequestError(
+            f"{name} (model_type={getattr(config, 'model_type', '?')!r}): its expert-parallel plan keeps {key!r} "
+            f"{UNCARRIED_EP_STYLES[style]} ({style!r}). Under DeepSpeed that sum would not happen (DeepSpeed reduces "
+            "gradients over the data-parallel group only), so training would be silently wrong. ep-ds-shim does not "
+            "support this family; train it without DeepSpeed, or load it without EP."
         )
     num_experts = experts.num_experts_of(config)
     if num_experts is not None and num_experts % ep_size:

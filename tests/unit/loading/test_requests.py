@@ -87,6 +87,32 @@ def test_model_without_ep_plan(tmp_path, single_rank_group):
             AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, **ep2_config(tmp_path))
 
 
+def test_plan_with_a_gradient_sum_over_the_ep_group_is_refused(tmp_path, single_rank_group):
+    """muse_spark keeps a norm inside its experts replicated with a gradient all-reduce over the EP group, which
+    DeepSpeed would never do: refused before the load, naming the plan entry (not a half-right training run)."""
+    from ep_ds_shim.loading.request import UNCARRIED_EP_STYLES, validate_request
+    from ep_ds_shim.releases.lines import RELEASE_LINES
+    from ep_ds_shim.testing import tiny_models
+
+    uncarried = [t for t in tiny_models.ep_model_types() if any(
+        style in UNCARRIED_EP_STYLES for style in experts_plan(t).values())]
+    if not uncarried:
+        pytest.skip("no family of this release has such a plan entry")
+    model_type = uncarried[0]
+    model_class = tiny_models.model_class_for(model_type)
+    tiny_models.tiny_config(model_type).save_pretrained(tmp_path)
+    with pytest.raises(EPRequestError, match="replicated_with_grad_allreduce") as raised:
+        validate_request(model_class, (str(tmp_path),), {}, 1, RELEASE_LINES[-1])
+    assert "silently wrong" in str(raised.value) and model_class.__name__ in str(raised.value)
+
+
+def experts_plan(model_type: str) -> dict:
+    from ep_ds_shim.experts import ep_plan_of
+    from ep_ds_shim.testing import tiny_models
+
+    return ep_plan_of(tiny_models.model_class_for(model_type), tiny_models.tiny_config(model_type))
+
+
 def test_outside_zero3_the_block_does_not_interfere(tiny_checkpoint):
     """No ZeRO-3 signalled: a plain load inside the block is the plain load."""
     from transformers import AutoModelForCausalLM
