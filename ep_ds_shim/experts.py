@@ -79,6 +79,8 @@ def _columns(width: int, device: torch.device) -> torch.Tensor:
 
 def _sample(tensor: torch.Tensor) -> torch.Tensor:
     """The fingerprinted elements of `tensor`, in float64: the same positions for the same shape."""
+    if not tensor.numel():
+        return tensor.detach().reshape(-1).to(torch.float64)
     rows = tensor.detach().reshape(tensor.shape[0] if tensor.dim() else 1, -1)  # one row per expert
     if rows.shape[1] > _BLOCK * _BLOCKS:
         rows = rows.index_select(1, _columns(rows.shape[1], rows.device))

@@ -200,6 +200,7 @@ def test_fingerprints_catch_changes_and_tolerate_dtype_casts():
     replaced[3] = torch.randn(300, 500)  # one expert's weights from elsewhere
     assert not before.matches(Fingerprint.of(replaced))
     assert not Fingerprint.of(torch.randn(3)).matches(Fingerprint.of(torch.randn(3)))  # short tensors: all read
+    assert Fingerprint.of(torch.empty(0, 4)).matches(Fingerprint.of(torch.empty(0, 4)))  # empty ones: nothing to read
     assert before.matches(Fingerprint.of(experts.to(torch.bfloat16)))  # DeepSpeed casting the model
     assert not before.matches(Fingerprint.of(torch.randn(8, 300, 500).to(torch.bfloat16)))  # other experts
 
