@@ -32,7 +32,6 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.utils import safe_get_full_grad
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -124,7 +123,7 @@ def verify_model_type(model_type: str, path, work: Path, layout: DPxEPLayout, de
         batch = batches[layout.dp_rank]
         output = engine(**batch)
         engine.backward(output.loss)
-        grads = {n: _full_grad(p) for n, p in engine.module.named_parameters()}
+        grads = oracle.full_grads(engine)
         engine.step()
         step = oracle.compare_step(engine, layout, reference, logits=output.logits, loss=output.loss, grads=grads,
                                    tolerance=tolerance, weights_tolerance=oracle.param_tolerance(tolerance))
@@ -162,22 +161,14 @@ def _check_export(engine, path, model_class, reference, directory, tolerance) ->
         save_pretrained(engine, directory)
         reloaded, info = model_class.from_pretrained(directory, dtype=torch.float32, output_loading_info=True)
         problems = {key: sorted(map(str, value)) for key, value in info.items() if value}
-        wanted = reference["params"]
-        diff = max((float((p.detach().float() - wanted[n].float().cpu()).abs().max())
-                    for n, p in reloaded.named_parameters() if p.numel()), default=0.0)
+        exported = {name: param.detach() for name, param in reloaded.named_parameters()}
+        wanted = {name: reference["params"][name].cpu() for name in exported}  # whole tensors on both sides
+        diff = max(oracle.max_abs_diffs(exported, wanted, ep_rank=0).values(), default=0.0)
         # the export holds the weights after the step: Adam's bound on them, as in the step check
         return {"loading_problems": problems, "params": diff,
                 "ok": not problems and diff <= oracle.param_tolerance(tolerance)}
     except Exception as error:  # noqa: BLE001
         return {"ok": False, "error": _short(error), "trace": traceback.format_exc()[-2000:]}
-
-
-def _full_grad(param):
-    shape = param.ds_shape if hasattr(param, "ds_shape") else param.shape
-    if not shape.numel():  # an empty weight (a tiny config can size one to 0): DeepSpeed keeps no gradient slot for it
-        return torch.zeros(shape, dtype=param.dtype)
-    grad = safe_get_full_grad(param)  # None for a weight the forward did not use
-    return grad.detach().clone() if grad is not None else torch.zeros(shape, dtype=param.dtype)
 
 
 def _on(inputs: dict, device) -> dict:

@@ -63,9 +63,9 @@ def main(argv=None) -> int:
     engine.backward(out.loss)
     grads = None
     if ref is not None:
-        from deepspeed.utils import safe_get_full_grad
+        from ep_ds_shim.testing import full_grads
 
-        grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()}
+        grads = full_grads(engine)
     engine.step()
     return finish(args, layout, engine, ref, out, launcher="deepspeed.initialize", grads=grads)
 

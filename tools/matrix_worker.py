@@ -146,9 +146,7 @@ def run_family(family: str, path: str, export_root: str) -> dict:
         engine, *_ = ep_ds_shim.initialize(model=model, layout=layout, optimizer=optimizer, config=ds_config)
         out = engine(**batch)
         engine.backward(out.loss)
-        from deepspeed.utils import safe_get_full_grad
-
-        grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()}
+        grads = testing.full_grads(engine)
         engine.step()
         state["engine"] = engine
         return testing.compare_step(engine, layout, ref, logits=out.logits, loss=out.loss, grads=grads,

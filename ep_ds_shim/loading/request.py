@@ -66,13 +66,14 @@ def validate_request(cls, args, kwargs, ep_size: int, line) -> None:
     config = load_config(cls, args, kwargs)
     if config is None:
         return
-    if not experts.ep_plan_of(cls, config):
+    plan = experts.ep_plan_of(cls, config)
+    if not plan:
         raise EPRequestError(
             f"{name} (model_type={getattr(config, 'model_type', '?')!r}) has no expert-parallel plan in this "
             "transformers release, so an EP load would silently keep every expert on every rank. Use a model "
             "family with an EP plan (see docs/support-matrix.md) or load it without EP."
         )
-    uncarried = {key: style for key, style in experts.ep_plan_of(cls, config).items() if style in UNCARRIED_EP_STYLES}
+    uncarried = {key: style for key, style in plan.items() if style in UNCARRIED_EP_STYLES}
     if uncarried:
         key, style = next(iter(sorted(uncarried.items())))
         raise EPRequestError(

@@ -105,9 +105,10 @@ def refusal_for(version: str) -> str | None:
 
 
 def support_hint() -> str:
+    beyond = first_unverified()
     return (
         f"Supported transformers releases: {VERIFIED_TRANSFORMERS} (see docs/support-matrix.md). "
-        f"Install one of them, e.g. `pip install 'transformers>={first_unverified().major}.{first_unverified().minor - 1},<{first_unverified()}'`."
+        f"Install one of them, e.g. `pip install 'transformers>={beyond.major}.{beyond.minor - 1},<{beyond}'`."
     )
 
 

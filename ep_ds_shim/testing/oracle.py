@@ -106,6 +106,19 @@ def full_fp32(param):
     return full if full is not None else param
 
 
+def full_grads(engine) -> dict[str, torch.Tensor]:
+    """This rank's full gradient of every weight, read after `engine.backward` and before `engine.step` (what
+    `compare_step` takes as `grads`): zero for a weight the forward did not use, as `reference_step` reports it."""
+    from deepspeed.utils import safe_get_full_grad  # DeepSpeed is only needed once an engine exists
+
+    grads = {}
+    for name, param in engine.module.named_parameters():
+        shape = getattr(param, "ds_shape", param.shape)
+        grad = safe_get_full_grad(param) if shape.numel() else None  # an empty weight has no ZeRO-3 gradient slot
+        grads[name] = grad.detach().clone() if grad is not None else torch.zeros(shape, dtype=param.dtype)
+    return grads
+
+
 def compare_step(engine, layout, ref, *, logits, loss, grads=None, tolerance: float = 1e-5,
                  weights_tolerance: float | None = None) -> dict:
     """Compare one DeepSpeed step of this rank with the single-process `ref` (from `reference_step`).

@@ -31,7 +31,7 @@ def zero_config(stage: int) -> dict:
 
 def run_cell(cell: str, path: str, layout, reference) -> dict:
     import deepspeed
-    from deepspeed.utils import groups, safe_get_full_grad
+    from deepspeed.utils import groups
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -62,7 +62,7 @@ def run_cell(cell: str, path: str, layout, reference) -> dict:
         out = engine(input_ids=batch, labels=batch)
         result["stage_reached"] = "backward"
         engine.backward(out.loss)
-        grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()}
+        grads = testing.full_grads(engine)
         result["stage_reached"] = "step"
         engine.step()
         result["stage_reached"] = "done"
