@@ -26,7 +26,6 @@ _PUBLIC = {
     "VERIFIED_TRANSFORMERS": "ep_ds_shim.releases.support",
     "VERIFIED_DEEPSPEED": "ep_ds_shim.releases.support",
     "DPxEPLayout": "ep_ds_shim.training.layout",
-    "DPxEPGroups": "ep_ds_shim.training.layout",
     "initialize": "ep_ds_shim.training.handover",
     "supply_deepspeed_groups": "ep_ds_shim.training.groups_scope",
     "check_deepspeed_groups": "ep_ds_shim.training.guard",
@@ -79,5 +78,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names above are
     from .training.groups_scope import supply_deepspeed_groups  # noqa: F401
     from .training.guard import check_deepspeed_groups, verify_expert_integrity  # noqa: F401
     from .training.handover import initialize  # noqa: F401
-    from .training.layout import DPxEPGroups, DPxEPLayout  # noqa: F401
+    from .training.layout import DPxEPLayout  # noqa: F401
     from .training.trainer import EPTrainer, EPTrainerMixin  # noqa: F401

@@ -130,6 +130,10 @@ def _shape_checks(report: dict, version: str, problem) -> None:
     except UnsupportedReleaseError:
         line = None
     report["release_line"] = line.name if line else None
+    if line is not None:  # beyond upstream defects: releases without the token dispatcher cannot train either
+        from .releases.lines import training_refusal
+
+        report["training_refused"] = training_refusal(version)
     report["ep_spelling"] = line.spelling.summary if line else None
     report["dp_x_ep"] = bool(line and line.replica_mesh)
     plan = patch_registry.make_plan(LOADING, line)

@@ -12,8 +12,9 @@ checkpoint on the same device:
 
   load    EP load while ZeRO-3 is signalled, inside `ep_zero3_compat`: every rank holds its own slice of every
           expert tensor, and the logits equal the single-process model's;
-  step    `ep_ds_shim.initialize` (DP x EP groups) + one training step: loss, logits, gradients, DeepSpeed's global
-          gradient norm and every weight after the AdamW step equal the single-process step;
+  step    `ep_ds_shim.initialize` + one training step, every rank on its own batch: loss, logits, gradients,
+          DeepSpeed's global gradient norm and every weight after the AdamW step equal the single-process step on
+          all ranks' batches together;
   export  `ep_ds_shim.save_pretrained`, reloaded in a plain single process: no missing, unexpected or mismatched
           keys, every weight equal to the single-process model after the step.
 
@@ -95,7 +96,7 @@ def verify_model_type(model_type: str, path, work: Path, layout: DPxEPLayout, de
             raise path
         model_class = tiny_models.model_class_for(model_type)
         config = model_class.config_class.from_pretrained(path)
-        batches = [_on(tiny_models.sample_inputs(config, seed=1234 + d), device) for d in range(layout.dp_size)]
+        batches = [_on(tiny_models.sample_inputs(config, seed=1234 + r), device) for r in range(layout.world_size)]
         reference = oracle.reference_step(path, batches, model_class=model_class, device=device)
     except Exception as error:  # noqa: BLE001 - cannot even build the reference: every check says why
         failure = {"ok": False, "error": _short(error), "trace": traceback.format_exc()[-2000:]}
@@ -116,11 +117,11 @@ def verify_model_type(model_type: str, path, work: Path, layout: DPxEPLayout, de
             model = model_class.from_pretrained(path, dtype=torch.float32, **layout.from_pretrained_kwargs(
                 path, model_class=model_class))
         model.to(device)
-        out["load"] = _check_load(model, reference, batches[layout.dp_rank], layout, tolerance)
+        out["load"] = _check_load(model, reference, batches[layout.rank], layout, tolerance)
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), **oracle.OPTIMIZER)
         engine, *_ = initialize(model=model, layout=layout, optimizer=optimizer, config=ds_config)
-        batch = batches[layout.dp_rank]
+        batch = batches[layout.rank]
         output = engine(**batch)
         engine.backward(output.loss)
         grads = oracle.full_grads(engine)
@@ -149,7 +150,7 @@ def _check_load(model, reference, batch, layout, tolerance) -> dict:
     model.eval()
     with torch.no_grad():
         logits = model(**batch).logits
-    logits_diff = float((logits.float() - reference["logits"][layout.dp_rank].float()).abs().max())
+    logits_diff = float((logits.float() - reference["logits"][layout.rank].float()).abs().max())
     return {"expert_slices": expert_diff, "logits": logits_diff,
             "ok": expert_diff == 0.0 and logits_diff <= tolerance}
 

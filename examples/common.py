@@ -28,13 +28,8 @@ def parse_args(argv=None, description: str = ""):
     return args
 
 
-def world_and_dp(args) -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return world, world // (args.ep_size or world)
-
-
 def reference_and_checkpoint(args):
-    """The checkpoint path, every data-parallel replica's batch, and the single-process reference step.
+    """The checkpoint path, every rank's batch, and the single-process reference step (all batches together).
 
     Runs before ZeRO-3 is signalled, so the reference is a plain model. Every rank computes it (no collective).
     """
@@ -43,8 +38,8 @@ def reference_and_checkpoint(args):
     path = args.model_dir or testing.build_tiny_moe(os.path.join("build", "examples", f"tiny-{args.family}"), args.family)
     with open(os.path.join(path, "config.json")) as handle:
         vocab_size = json.load(handle)["vocab_size"]
-    _, dp_size = world_and_dp(args)
-    batches = [testing.batch_for(d, vocab_size=vocab_size) for d in range(dp_size)]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    batches = [testing.batch_for(rank, vocab_size=vocab_size) for rank in range(world)]
     reference = None if args.no_reference else testing.reference_step(path, batches)
     return str(path), batches, reference
 
@@ -56,12 +51,14 @@ def finish(args, layout, engine, reference, out, *, launcher: str, grads=None) -
     from ep_ds_shim import testing
     from ep_ds_shim.experts import expert_parameters
 
-    expert_shapes = {n: tuple(p.shape) for n, p in expert_parameters(engine.module).items()}
+    expert_shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in expert_parameters(engine.module).items()}
     first = next(iter(expert_shapes))
     rank = dist.get_rank()
     print(f"[rank {rank}] {launcher}: {layout}: {len(expert_shapes)} expert tensors, e.g. {first} {expert_shapes[first]}")
     results = {"rank": rank, "launcher": launcher, "layout": repr(layout), "loss_value": out.loss.item(),
-               "expert_shapes": expert_shapes}
+               "expert_shapes": expert_shapes, **held_fractions(engine.module)}
+    print(f"[rank {rank}] ZeRO-3 holds here {results['dense_held']:.3f} of the dense weights and "
+          f"{results['expert_held']:.3f} of its expert shards (world {dist.get_world_size()})")
     if reference is not None:
         results.update(testing.compare_step(engine, layout, reference, logits=out.logits, loss=out.loss, grads=grads,
                                             tolerance=args.tolerance))
@@ -77,3 +74,17 @@ def finish(args, layout, engine, reference, out, *, launcher: str, grads=None) -
             json.dump(results, handle, indent=1, default=str)
     dist.barrier()
     return 0 if results.get("ok", True) else 1
+
+
+def held_fractions(model) -> dict:
+    """How much of the dense weights, and of this rank's expert shards, ZeRO-3 keeps on this rank (its partitions:
+    `ds_tensor` over `ds_numel`); the optimizer state and gradients are partitioned the same way."""
+    from ep_ds_shim.experts import is_expert_parameter_name
+
+    held = {"dense": [0, 0], "expert": [0, 0]}
+    for name, param in model.named_parameters():
+        if hasattr(param, "ds_tensor"):
+            kind = held["expert" if is_expert_parameter_name(name) else "dense"]
+            kind[0] += param.ds_tensor.numel()
+            kind[1] += param.ds_numel
+    return {f"{kind}_held": part / total if total else 1.0 for kind, (part, total) in held.items()}

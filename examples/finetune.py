@@ -31,7 +31,8 @@ def parse_args(argv=None):
     parser.add_argument("--model-type", default="qwen3_moe")
     parser.add_argument("--nproc", type=int, default=2, help="ranks of the distributed phases (driver only)")
     parser.add_argument("--ep-size", type=int, default=None, help="expert-parallel size (default: world size)")
-    parser.add_argument("--stage", type=int, default=3, choices=(0, 1, 2, 3), help="ZeRO stage")
+    parser.add_argument("--stage", type=int, default=3, choices=(0, 1, 2, 3),
+                        help="ZeRO stage (EP training: 3; the single-process --no-ep reference takes any)")
     parser.add_argument("--bf16", action="store_true", help="DeepSpeed bf16 mixed precision")
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--steps", type=int, default=None, help="steps of the phase (default: 4, --phase full: 8)")
@@ -44,7 +45,7 @@ def parse_args(argv=None):
     parser.add_argument("--resume-at", type=int, default=STEPS_BEFORE, help="driver: the step the checkpoint is taken at")
     parser.add_argument("--no-ep", action="store_true", help="a plain single-process DeepSpeed run (the bf16 reference)")
     parser.add_argument("--data-replicas", type=int, default=1,
-                        help="with --no-ep: train on the batches of this many data-parallel replicas together")
+                        help="with --no-ep: train on the batches of this many ranks together")
     parser.add_argument("--checkpoint-dir", help="DeepSpeed checkpoint written by --phase train, read by --phase resume")
     parser.add_argument("--export-dir", help="where to export (ep_ds_shim.save_pretrained) after the phase")
     parser.add_argument("--max-shard-size", default="200KB", help="shards of the export (small here, to show sharding)")
@@ -94,11 +95,11 @@ def run_phase(args) -> int:
     config = deepspeed_config(args)
     signalled = HfDeepSpeedConfig(config)  # noqa: F841 - DeepSpeed signalled while loading, as launchers do
     if args.no_ep:
-        layout, dp_rank, dp_size = None, rank, args.data_replicas
+        layout, batch_ranks, batch_world = None, range(args.data_replicas), args.data_replicas
         model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     else:
         layout = ep_ds_shim.DPxEPLayout(args.ep_size or world)
-        dp_rank, dp_size = layout.dp_rank, layout.dp_size
+        batch_ranks, batch_world = [rank], world  # every rank trains on its own batches
         with ep_ds_shim.ep_zero3_compat():
             model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32,
                                                          **layout.from_pretrained_kwargs(args.model_dir))
@@ -118,22 +119,23 @@ def run_phase(args) -> int:
     if args.phase == "resume":
         engine.load_checkpoint(args.checkpoint_dir)
     steps = args.steps or (args.total_steps if args.phase == "full" else args.resume_at)
-    losses = []
+    losses, grad_norms = [], []
     for step in range(args.start_step, args.start_step + steps):
         step_loss = 0.0
         for micro in range(args.grad_accum):
-            replicas = range(dp_size) if layout is None else [dp_rank]
-            batch = torch.cat([oracle.run_batch(step, micro, d, grad_accum=args.grad_accum, dp_size=dp_size)
-                               for d in replicas])
+            batch = torch.cat([oracle.run_batch(step, micro, r, grad_accum=args.grad_accum, world=batch_world)
+                               for r in batch_ranks])
             loss = engine(input_ids=batch, labels=batch).loss
             engine.backward(loss)
             engine.step()
             step_loss += loss.item() / args.grad_accum
         losses.append(step_loss)
+        grad_norms.append(float(engine.get_global_grad_norm()))  # what DeepSpeed clipped with: every weight once
     if args.phase == "train":
         engine.save_checkpoint(args.checkpoint_dir)
-    report = {"rank": rank, "dp_rank": dp_rank, "dp_size": dp_size, "ep_rank": getattr(layout, "ep_rank", 0),
-              "phase": args.phase, "losses": losses, "start_step": args.start_step}
+    report = {"rank": rank, "world": world, "ep_rank": getattr(layout, "ep_rank", 0), "phase": args.phase,
+              "losses": losses, "grad_norms": grad_norms, "start_step": args.start_step,
+              "train_batch_size": engine.train_batch_size()}
     if args.export_dir:
         if layout is None:  # the plain single-process model: DeepSpeed's own export, next to its config
             engine.save_16bit_model(args.export_dir)
@@ -162,10 +164,10 @@ def export_vs_trained(engine, layout, export_dir) -> float:
     return max(max_abs_diffs(trained, {n: p.detach() for n, p in exported.items()}, layout.ep_rank).values())
 
 
-def replica_losses(reports: list[dict]) -> list[float]:
-    """Per step, the mean over data-parallel replicas of their loss (what the single-process run computes)."""
-    per_replica = {report["dp_rank"]: report["losses"] for report in reports if report["ep_rank"] == 0}
-    return [sum(values) / len(values) for values in zip(*per_replica.values())]
+def mean_losses(reports: list[dict]) -> list[float]:
+    """Per step, the mean over ranks of their loss (what the single-process run on all their batches computes)."""
+    per_rank = [report["losses"] for report in sorted(reports, key=lambda report: report["rank"])]
+    return [sum(values) / len(values) for values in zip(*per_rank)]
 
 
 def compare_export(export_dir: str, reference_params: dict) -> dict:
@@ -194,31 +196,37 @@ def main(argv=None) -> int:
                                                         args.model_type, num_experts=8))
     os.makedirs(args.work_dir, exist_ok=True)
     work = tempfile.mkdtemp(dir=args.work_dir)
-    dp_size = args.nproc // (args.ep_size or args.nproc)
+    ref_norms = None
     if args.bf16:
         print("reference: the same run in a single process (DeepSpeed bf16, no EP)")
-        reference = phases(args, path, work, nproc=1, extra=["--no-ep", "--data-replicas", str(dp_size)],
+        reference = phases(args, path, work, nproc=1, extra=["--no-ep", "--data-replicas", str(args.nproc)],
                            full_only=True)
         ref_losses = reference["full_losses"]
         ref_params = dict(AutoModelForCausalLM.from_pretrained(reference["export"], dtype=torch.float32).named_parameters())
     else:
         print("reference: the same run in a single process (fp32, torch AdamW, same schedule)")
-        ref = oracle.reference_run(path, steps=args.total_steps, grad_accum=args.grad_accum, dp_size=dp_size)
+        ref = oracle.reference_run(path, steps=args.total_steps, grad_accum=args.grad_accum, world=args.nproc)
         ref_losses, ref_params = ref["losses"], ref["params"]
+        ref_norms = ref["grad_norms"]
     run = phases(args, path, work, nproc=args.nproc, full_only=args.skip_resume)
     resumed = run.get("resumed_losses", run["full_losses"])
     print(f"{'step':>4} {'reference':>12} {'train+resume':>14} {'uninterrupted':>14}")
     for step, want in enumerate(ref_losses):
         print(f"{step:>4} {want:>12.6f} {resumed[step]:>14.6f} {run['full_losses'][step]:>14.6f}")
     curve = max(abs(a - b) for a, b in zip(ref_losses, run["full_losses"]))
+    # the gradients of every step, through the global norm DeepSpeed clipped with (fp32: the reference's own)
+    norms = None if ref_norms is None else max(abs(a - b) / max(1.0, b) for a, b in zip(run["full_grad_norms"], ref_norms))
     resume_gap = max(abs(a - b) for a, b in zip(resumed, run["full_losses"]))
     exported = compare_export(run["export"], ref_params)
     loss_tolerance, param_tolerance = (oracle.BF16_LOSS_TOLERANCE, oracle.BF16_PARAM_TOLERANCE) if args.bf16 \
         else (1e-5, 1e-5)
     ok = curve <= loss_tolerance and resume_gap <= 1e-6 and exported["max_param_diff"] <= param_tolerance \
-        and not exported["loading_problems"] and run["export_vs_trained"] <= 1e-6
-    print(f"uninterrupted vs reference: max |dloss| {curve:.2e} (tolerance {loss_tolerance:g}); "
-          f"train+resume vs uninterrupted: max |dloss| {resume_gap:.2e}")
+        and not exported["loading_problems"] and run["export_vs_trained"] <= 1e-6 and (norms is None or norms <= 1e-5)
+    print(f"uninterrupted vs reference: max |dloss| {curve:.2e} (tolerance {loss_tolerance:g})"
+          + ("" if norms is None else f", max relative |dgrad norm| {norms:.2e} (tolerance 1e-5)")
+          + f"; train+resume vs uninterrupted: max |dloss| {resume_gap:.2e}")
+    print(f"DeepSpeed's train_batch_size {run['train_batch_size']} = micro 2 x accumulation {args.grad_accum} x "
+          f"{args.nproc} ranks")
     print(f"export vs the weights each rank trained: max |d| {run['export_vs_trained']:.2e}")
     print(f"export {run['export']}: {exported['tensors']} tensors, loading problems {exported['loading_problems'] or 'none'}, "
           f"max |dparam| vs reference {exported['max_param_diff']:.2e} (tolerance {param_tolerance:g}) "
@@ -226,7 +234,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json.format(rank=0), "w") as handle:
             json.dump({"reference": ref_losses, **{k: v for k, v in run.items() if k.endswith("losses")},
-                       "curve_max_diff": curve, "resume_max_diff": resume_gap, "export": exported,
+                       "curve_max_diff": curve, "grad_norm_max_rel_diff": norms,
+                       "train_batch_size": run["train_batch_size"], "resume_max_diff": resume_gap, "export": exported,
                        "export_vs_trained": run["export_vs_trained"],
                        "export_dir": run["export"], "ok": ok}, handle, indent=1)
     return 0 if ok else 1
@@ -252,7 +261,9 @@ def phases(args, path: str, work: str, *, nproc: int, extra=(), full_only: bool 
     out = {}
     full_export = os.path.join(work, "export-uninterrupted")
     full = launch("--phase", "full", "--export-dir", full_export)
-    out["full_losses"] = replica_losses(full)
+    out["full_losses"] = mean_losses(full)
+    out["full_grad_norms"] = full[0]["grad_norms"]  # the same global norm on every rank
+    out["train_batch_size"] = full[0]["train_batch_size"]
     out["export"] = full_export
     out["export_vs_trained"] = max(report.get("export_vs_trained", 0.0) for report in full)
     if full_only:
@@ -262,7 +273,7 @@ def phases(args, path: str, work: str, *, nproc: int, extra=(), full_only: bool 
     export = os.path.join(work, "export")
     second = launch("--phase", "resume", "--checkpoint-dir", checkpoint, "--start-step", str(args.resume_at),
                     "--steps", str(args.total_steps - args.resume_at), "--export-dir", export)
-    out["resumed_losses"] = replica_losses(first) + replica_losses(second)
+    out["resumed_losses"] = mean_losses(first) + mean_losses(second)
     out["export"] = export
     out["export_vs_trained"] = max(out["export_vs_trained"], *(report["export_vs_trained"] for report in second))
     return out

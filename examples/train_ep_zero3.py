@@ -4,9 +4,10 @@
     torchrun --nproc_per_node 4 examples/train_ep_zero3.py --ep-size 2     # CPU, dp=2 x ep=2
     deepspeed --num_gpus 8 examples/train_ep_zero3.py --device cuda --ep-size 8 --model-dir <ckpt>
 
-With no --model-dir it builds a tiny random MoE checkpoint under build/examples (no hub access). Every rank
-prints its expert shapes and compares logits, loss, gradients, DeepSpeed's global gradient norm and the
-weights after one AdamW step with a single-process model from the same checkpoint (--no-reference to skip).
+With no --model-dir it builds a tiny random MoE checkpoint under build/examples (no hub access). Every rank trains
+on its own batch, prints its expert shapes and compares logits, loss, gradients, DeepSpeed's global gradient norm
+and the weights after one AdamW step with a single-process model from the same checkpoint that trains on every
+rank's batch at once (--no-reference to skip).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
-    # 1. The DP x EP layout: every rank of an EP group sees the same batch; DeepSpeed's groups follow it.
+    # 1. The DP x EP layout: EP groups of consecutive ranks split the experts; every rank trains on its own batch.
     layout = ep_ds_shim.DPxEPLayout(args.ep_size or dist.get_world_size())
     ds_config = {
         "train_micro_batch_size_per_gpu": 2,
@@ -52,13 +53,13 @@ def main(argv=None) -> int:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **layout.from_pretrained_kwargs(path))
     model.train()
 
-    # 3. DeepSpeed with the DP x EP groups: ep_ds_shim.initialize is deepspeed.initialize(..., mpu=layout.mpu())
-    #    followed by the expert integrity check.
+    # 3. DeepSpeed through the library: ZeRO-3 partitions the dense weights over every rank and each expert shard
+    #    over the ranks holding the same experts (DeepSpeed's own expert groups); the expert shards are checked.
     optimizer = torch.optim.AdamW(model.parameters(), **testing.OPTIMIZER)
     engine, optimizer, _, _ = ep_ds_shim.initialize(model=model, layout=layout, optimizer=optimizer, config=ds_config)
 
-    # 4. One step; the batch depends only on the data-parallel rank.
-    batch = batches[layout.dp_rank]
+    # 4. One step, each rank on its own batch.
+    batch = batches[layout.rank]
     out = engine(input_ids=batch, labels=batch)
     engine.backward(out.loss)
     grads = None

@@ -8,7 +8,8 @@ Columns (each recorded with its numbers; the matrix tool turns them into pass/fa
   gradients            EP-only, train mode: loss and every gradient equal the single-process model
   load_equals_ep_only  EP load while ZeRO-3 is signalled, inside the block: every weight and the logits equal the
                        EP-only load
-  zero3_step           ep_ds_shim.initialize + one step: logits, loss, gradients, grad norm, weights after AdamW
+  zero3_step           ep_ds_shim.initialize + one step, every rank on its own batch: logits, loss, gradients, grad
+                       norm, weights after AdamW equal one single-process step on all ranks' batches together
   export_reload        ep_ds_shim.save_pretrained of the trained engine (where training is refused: of the EP model
                        as loaded), reloaded in a plain single process: no missing / unexpected / mismatched keys, and
                        every weight equal to the single-process model after the same step (or to the checkpoint)
@@ -72,8 +73,12 @@ def run_family(family: str, path: str, export_root: str) -> dict:
 
     # the head of this model type (a causal LM, or an image-text-to-text model) and one batch it takes
     model_class = tiny_models.model_class_for(family)
-    batch = tiny_models.sample_inputs(model_class.config_class.from_pretrained(path))
+    config = model_class.config_class.from_pretrained(path)
+    batch = tiny_models.sample_inputs(config)  # the EP-only columns: upstream's EP, one batch shared by the EP group
     ref = testing.reference_step(path, [batch], model_class=model_class)
+    # the DeepSpeed step: every rank on its own batch
+    own_batches = [tiny_models.sample_inputs(config, seed=1234 + rank) for rank in range(world)]
+    own_ref = testing.reference_step(path, own_batches, model_class=model_class)
     reference_model = model_class.from_pretrained(path, dtype=torch.float32).eval()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
@@ -144,12 +149,12 @@ def run_family(family: str, path: str, export_root: str) -> dict:
             return {"error": "no EP + ZeRO-3 load (see load_equals_ep_only)", "ok": False}
         optimizer = torch.optim.AdamW(model.parameters(), **testing.OPTIMIZER)
         engine, *_ = ep_ds_shim.initialize(model=model, layout=layout, optimizer=optimizer, config=ds_config)
-        out = engine(**batch)
+        out = engine(**own_batches[layout.rank])
         engine.backward(out.loss)
         grads = testing.full_grads(engine)
         engine.step()
         state["engine"] = engine
-        return testing.compare_step(engine, layout, ref, logits=out.logits, loss=out.loss, grads=grads,
+        return testing.compare_step(engine, layout, own_ref, logits=out.logits, loss=out.loss, grads=grads,
                                     tolerance=TOLERANCE)
 
     record("zero3_step", zero3_step)
@@ -165,7 +170,7 @@ def run_family(family: str, path: str, export_root: str) -> dict:
         unset_hf_deepspeed_config()  # the reload is a plain single-process load
         reloaded, info = model_class.from_pretrained(directory, dtype=torch.float32, output_loading_info=True)
         problems = {key: sorted(map(str, value)) for key, value in info.items() if value}
-        expected = ref["params"] if trained else {n: p.detach() for n, p in reference_model.named_parameters()}
+        expected = own_ref["params"] if trained else {n: p.detach() for n, p in reference_model.named_parameters()}
         diff = max(float((p.detach() - expected[n]).abs().max()) for n, p in reloaded.named_parameters())
         return {"trained": trained, "loading_problems": problems, "max_param_diff": diff,
                 "ok": not problems and diff <= TOLERANCE}

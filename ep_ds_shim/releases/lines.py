@@ -14,7 +14,7 @@ from packaging.version import Version
 
 from ..errors import UnsupportedReleaseError
 from .spelling import EpSizeWithReplicatePlan, EPSpelling, FlagWithDeviceMesh, FlagWithTpSize
-from .support import refusal_for, support_hint
+from .support import refusal_for, support_hint, training_defect
 
 
 @dataclass(frozen=True)
@@ -29,10 +29,10 @@ class ReleaseLine:
     replica_mesh: bool = False
     # DistributedConfig(enable_expert_parallel=True) alone resolves to ep_size=1 (EP silently off).
     legacy_flag_silently_off: bool = False
-    # The experts' EP hook all-reduces their output only while the expert weights are DTensors
-    # (`MoeExpertsParallel.transform_output_post_forward`); once they are local tensors for DeepSpeed, the shim
-    # attaches that same all-reduce to the experts module (training/adoption.py).
-    expert_output_reduce_needs_dtensors: bool = False
+    # The release's EP plans route tokens to the experts' ranks with its own token dispatcher
+    # (`ep_dispatch_experts`: an all-to-all), which also serves ranks that hold *different* batches. DeepSpeed
+    # training relies on it: every rank trains on its own batch (training/token_dispatch.py).
+    token_dispatch: bool = False
 
 
 RELEASE_LINES = (
@@ -40,12 +40,22 @@ RELEASE_LINES = (
     # refused on these releases (UPSTREAM_TRAINING_DEFECTS) and the shim has not verified it, so world > ep is
     # refused.
     ReleaseLine("5.6-5.14", SpecifierSet(">=5.6.0,<5.15"), FlagWithDeviceMesh()),
-    # DistributedMixin; the flag alone raises TypeError; DTensor experts from 5.16
-    ReleaseLine("5.15-5.18", SpecifierSet(">=5.15.0,<5.19"), FlagWithTpSize(), expert_output_reduce_needs_dtensors=True),
+    # DistributedMixin; the flag alone raises TypeError; DTensor experts from 5.16; EP is tensor-parallel-like
+    # (`ep_router` + `moe_tp_experts`: every rank of the EP group must hold the same batch), so no DeepSpeed training
+    ReleaseLine("5.15-5.18", SpecifierSet(">=5.15.0,<5.19"), FlagWithTpSize()),
     # ep_size and a mesh manager; with tp_size=N the flag also empties the TP plan (dense layers stay whole)
-    ReleaseLine("5.20-5.22", SpecifierSet(">=5.20.0,<5.23"), FlagWithTpSize(), legacy_flag_silently_off=True),
+    ReleaseLine("5.20-5.22", SpecifierSet(">=5.20.0,<5.23"), FlagWithTpSize(), legacy_flag_silently_off=True,
+                token_dispatch=True),
     ReleaseLine("5.23+", SpecifierSet(">=5.23.0"), EpSizeWithReplicatePlan(), replica_mesh=True,
-                legacy_flag_silently_off=True),
+                legacy_flag_silently_off=True, token_dispatch=True),
+)
+
+# Why a release without the token dispatcher cannot train under DeepSpeed with this library.
+NO_TOKEN_DISPATCH = (
+    "ep-ds-shim trains EP models with every rank on its own batch (ZeRO-3 partitions the dense weights over all "
+    "ranks), which needs the release's expert-parallel token dispatcher (`ep_dispatch_experts`, transformers 5.20 "
+    "and newer); this release's EP needs every rank of an EP group to hold the same batch. Loading and inference "
+    "are fine. Train on transformers 5.20 or newer (`python -m ep_ds_shim doctor` shows what was verified)"
 )
 
 
@@ -60,3 +70,18 @@ def release_line_for(version: str) -> ReleaseLine:
         if parsed in line.releases:
             return line
     raise UnsupportedReleaseError(f"transformers {version}: no strategy covers it. {support_hint()}")
+
+
+def training_refusal(version: str) -> str | None:
+    """Why DeepSpeed training of an EP model is refused on `version` (an upstream defect, or a release without the
+    token dispatcher), or None when it is supported."""
+    defect = training_defect(version)
+    if defect is not None:
+        return defect
+    return None if release_line_for(version).token_dispatch else NO_TOKEN_DISPATCH
+
+
+def refuse_training_if_unsupported(version: str) -> None:
+    reason = training_refusal(version)
+    if reason is not None:
+        raise UnsupportedReleaseError(f"transformers {version}: {reason}.")

@@ -71,7 +71,7 @@ UPSTREAM_TRAINING_DEFECTS = (
         "gradients of the router and of every weight before the last MoE layer only see its own experts "
         "(measured up to 0.48 on dense weights), and from 5.8 expert-bias gradients can hold uninitialised "
         "memory; training would be silently wrong. Loading and inference are fine. Train on transformers "
-        "5.17, 5.18 or >=5.20 (see docs/support-matrix.md)",
+        "5.20 or newer (`python -m ep_ds_shim doctor` shows what was verified)",
     ),
 )
 
@@ -83,12 +83,6 @@ def training_defect(version: str) -> str | None:
         if parsed in defect.releases:
             return defect.reason
     return None
-
-
-def refuse_training_if_defective(version: str) -> None:
-    reason = training_defect(version)
-    if reason is not None:
-        raise UnsupportedReleaseError(f"transformers {version}: {reason}.")
 
 
 def transformers_version() -> str:
@@ -151,6 +145,6 @@ def check_deepspeed(version: str | None, *, allow_unverified: bool = False) -> N
         return
     raise UnsupportedReleaseError(
         f"DeepSpeed {version} is outside the verified range {VERIFIED_DEEPSPEED}. ep-ds-shim relies on how "
-        "ZeRO-3 picks its data-parallel and model-parallel groups from `mpu`; install a verified release, or "
+        "ZeRO-3 partitions parameters tagged as expert parameters (its AutoEP expert groups); install a verified release, or "
         f"pass allow_unverified=True / set {ALLOW_UNVERIFIED_ENV}=1 to try anyway (the integrity guard still runs)."
     )

@@ -1,8 +1,8 @@
 """The correctness oracle: a single-process model loaded from the same checkpoint (docs/design.md, "The oracle").
 
-DeepSpeed averages gradients over its data-parallel group, so for dp replicas fed batches b_0..b_{dp-1} the
-reference loss is their mean. Gradient clipping (DeepSpeed's default is 1.0) and AdamW are applied exactly as
-DeepSpeed applies them.
+Every rank trains on its own batch and DeepSpeed averages gradients over all ranks, so for ranks fed batches
+b_0..b_{world-1} the reference is one model on all of them together (their mean loss: equal token counts).
+Gradient clipping (DeepSpeed's default is 1.0) and AdamW are applied exactly as DeepSpeed applies them.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ def param_tolerance(tolerance: float, optimizer: dict = OPTIMIZER) -> float:
     return tolerance * (1 + optimizer["lr"] / optimizer["eps"])
 
 
-def batch_for(dp_rank: int, *, vocab_size: int = 128, batch: int = 2, seq: int = 8, seed: int = 1234):
-    """The batch data-parallel replica `dp_rank` trains on (every rank of its EP group gets the same one)."""
-    generator = torch.Generator().manual_seed(seed + dp_rank)
+def batch_for(rank: int, *, vocab_size: int = 128, batch: int = 2, seq: int = 8, seed: int = 1234):
+    """The batch rank `rank` trains on."""
+    generator = torch.Generator().manual_seed(seed + rank)
     return torch.randint(0, vocab_size, (batch, seq), generator=generator)
 
 
@@ -124,13 +124,14 @@ def compare_step(engine, layout, ref, *, logits, loss, grads=None, tolerance: fl
     """Compare one DeepSpeed step of this rank with the single-process `ref` (from `reference_step`).
 
     Call after `engine.step()`: reads every weight (DeepSpeed's fp32 master copy) and the global gradient norm
-    DeepSpeed computed for clipping. `grads`, if given, are this rank's full gradients read before the step.
+    DeepSpeed computed for clipping. `grads`, if given, are this rank's full gradients read before the step. The
+    loss and logits are this rank's, compared with the reference's on this rank's batch (`ref` holds one per rank).
     The weights are held to `weights_tolerance` (default: `tolerance`; `param_tolerance` gives Adam's bound).
     """
     params = {n: full_fp32(p).detach().clone() for n, p in engine.module.named_parameters()}
     result = {
-        "loss": abs(loss.item() - ref["loss"][layout.dp_rank]),
-        "logits": float((logits.detach().float() - ref["logits"][layout.dp_rank]).abs().max()),
+        "loss": abs(loss.item() - ref["loss"][layout.rank]),
+        "logits": float((logits.detach().float() - ref["logits"][layout.rank]).abs().max()),
         "params": max(max_abs_diffs(params, ref["params"], layout.ep_rank).values()),
     }
     norm = engine.get_global_grad_norm()
@@ -157,39 +158,40 @@ def schedule(total_steps: int, warmup: int = 2):
     return multiplier
 
 
-def run_batch(step: int, micro: int, dp_rank: int, *, grad_accum: int, dp_size: int, vocab_size: int = 128,
+def run_batch(step: int, micro: int, rank: int, *, grad_accum: int, world: int, vocab_size: int = 128,
               batch: int = 2, seq: int = 8):
-    """The micro-batch replica `dp_rank` trains on at (step, micro): distinct for every step, micro-step and
-    replica, identical for the ranks of an EP group."""
-    return batch_for(((step * grad_accum) + micro) * dp_size + dp_rank, vocab_size=vocab_size, batch=batch, seq=seq,
+    """The micro-batch rank `rank` trains on at (step, micro): distinct for every step, micro-step and rank."""
+    return batch_for(((step * grad_accum) + micro) * world + rank, vocab_size=vocab_size, batch=batch, seq=seq,
                      seed=4321)
 
 
-def reference_run(path, *, steps: int, grad_accum: int, dp_size: int, clip: float = 1.0, optimizer=OPTIMIZER,
+def reference_run(path, *, steps: int, grad_accum: int, world: int, clip: float = 1.0, optimizer=OPTIMIZER,
                   vocab_size: int = 128) -> dict:
-    """`steps` optimizer steps of a single-process fp32 model, doing what DeepSpeed does over dp replicas with
-    gradient accumulation: per micro-step the replicas' batches together (their mean loss, equal token counts),
+    """`steps` optimizer steps of a single-process fp32 model, doing what DeepSpeed does over `world` ranks with
+    gradient accumulation: per micro-step every rank's batch together (their mean loss, equal token counts),
     scaled by 1/grad_accum; then clipping, AdamW and the schedule. Returns the loss of every step (mean over its
-    micro-steps) and the parameters after the last one."""
+    micro-steps and ranks), the global gradient norm of every step (before clipping) and the parameters after the
+    last one."""
     if is_deepspeed_zero3_enabled():
         raise RuntimeError("compute the reference before ZeRO-3 is signalled (HfDeepSpeedConfig alive)")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.train()
     adamw = torch.optim.AdamW(model.parameters(), **optimizer)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(adamw, schedule(steps))
-    losses = []
+    losses, grad_norms = [], []
     for step in range(steps):
         step_loss = 0.0
         for micro in range(grad_accum):
-            batch = torch.cat([run_batch(step, micro, d, grad_accum=grad_accum, dp_size=dp_size, vocab_size=vocab_size)
-                               for d in range(dp_size)])
+            batch = torch.cat([run_batch(step, micro, r, grad_accum=grad_accum, world=world, vocab_size=vocab_size)
+                               for r in range(world)])
             loss = model(input_ids=batch, labels=batch).loss
             (loss / grad_accum).backward()
             step_loss += loss.item() / grad_accum
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+        grad_norms.append(float(norm))
         adamw.step()
         lr_schedule.step()
         adamw.zero_grad()
         losses.append(step_loss)
-    return {"losses": losses, "params": {name: p.detach().clone() for name, p in model.named_parameters()}}
+    return {"losses": losses, "grad_norms": grad_norms,
+            "params": {name: p.detach().clone() for name, p in model.named_parameters()}}

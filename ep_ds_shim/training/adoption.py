@@ -1,16 +1,17 @@
 """Recording an EP model at load, and making it something DeepSpeed can train correctly.
 
 ZeRO assumes every rank of its data-parallel group holds a replica: `deepspeed.initialize` broadcasts rank 0's
-parameters and averages gradients over that group. An EP model's ranks hold *different* experts, so DeepSpeed
-must only ever see same-expert ranks as replicas (the DP x EP groups, `layout.py`), and the model must be in a
-form DeepSpeed accepts (docs/design.md, "Training"). This module does the second part:
+parameters, partitions every parameter over that group and averages gradients there. An EP model's ranks hold
+*different* experts, so the experts must be placed in DeepSpeed's own expert groups (`expert_groups.py`), and the
+model must be in a form DeepSpeed accepts (docs/design.md, "Training"). This module does the second part:
 
 - `record_ep_load` (end of every EP load inside the block): which EP group the rank is in, and fingerprints of
   its expert shards as loaded, so an overwritten shard can be caught later.
 - `make_deepspeed_ready` (when DeepSpeed is signalled at load, or when the library hands the model to DeepSpeed):
   DTensor parameters become plain local Parameters (DeepSpeed can neither swap nor broadcast DTensors; the EP
-  forward hooks work the same on local tensors), expert weights are marked ``model_parallel`` so DeepSpeed's
-  gradient norm counts each shard once, and a one-shot guard is armed on the first forward.
+  forward works the same on local tensors), the release's token dispatch serves each rank's own batch
+  (`token_dispatch.py`), the expert shards get DeepSpeed's expert-parameter tags, and a one-shot guard is armed on
+  the first forward.
 """
 
 from __future__ import annotations
@@ -21,15 +22,11 @@ from torch.distributed.tensor import DTensor, Replicate
 from .. import experts
 from ..errors import EpShimError
 from ..log import logger
-from ..releases.support import training_defect, transformers_version
-from . import guard
+from ..releases.lines import training_refusal
+from ..releases.support import transformers_version
+from . import expert_groups, guard, token_dispatch
 from .export import SavePretrainedGuard
 from .record import RECORD_ATTR, EPModelRecord, record_of, unwrap
-
-try:  # only the 5.17-5.18 EP hook needs it (see `_reduce_expert_outputs`)
-    from transformers.distributed.tensor_parallel import _AllReduceForward
-except ImportError:
-    _AllReduceForward = None
 
 
 def record_ep_load(model, ep_size: int, line) -> EPModelRecord:
@@ -65,18 +62,19 @@ def make_deepspeed_ready(model_or_engine) -> dict:
     record = record_of(model)
     if record.deepspeed_ready:
         return {}
-    converted, replaced = _localise_dtensors(model)
+    reason = training_refusal(transformers_version())
+    replaced = _localise_dtensors(model)
     guard.drop_swap_guard(model)
     # its weights are now this rank's local shards, which transformers' save_pretrained would write as the model
     model.__dict__["save_pretrained"] = SavePretrainedGuard(model)
-    if converted and record.line.expert_output_reduce_needs_dtensors:
-        _reduce_expert_outputs(converted)
-    for param in experts.expert_parameters(model).values():
-        # DeepSpeed's marker for "differs across the model-parallel group": its gradient norm then sums this
-        # weight over the EP group while counting dense weights once.
-        param.model_parallel = True
+    if reason is None:
+        # every rank feeds its own batch from here on; releases without the dispatcher keep their shared-batch EP
+        # (training is refused there, inference stays as loaded)
+        distributed_config = getattr(model.config, "distributed_config", None)
+        token_dispatch.dispatch_own_batches(
+            model, record.ep_mesh, ep_implementation=getattr(distributed_config, "ep_implementation", None))
+        expert_groups.tag_expert_parameters(model, record.ep_size)
     record.deepspeed_ready = True
-    reason = training_defect(transformers_version())
     if reason is not None:
         logger.warning(f"ep_ds_shim: loaded for inference only. {reason}; DeepSpeed training will be refused.")
     guard.arm(model, record)
@@ -99,14 +97,13 @@ def repoint_optimizer(optimizer, replaced: dict) -> None:
         group["params"] = [replaced.get(param, param) for param in group["params"]]
 
 
-def _localise_dtensors(model) -> tuple[dict, dict]:
-    """Replace DTensor parameters by plain Parameters holding this rank's local data.
+def _localise_dtensors(model) -> dict:
+    """Replace DTensor parameters by plain Parameters holding this rank's local data; returns {old: new}.
 
     Expert shards (`Shard(0)` on the EP mesh) and replicated dense weights become local tensors; a dense weight
     that is *sharded* is tensor parallelism, which ZeRO cannot partition correctly, so it is refused.
-    Returns the modules whose expert weights were sharded DTensors (with their mesh), and {old: new} parameters.
     """
-    converted, replaced = {}, {}
+    replaced = {}
     for module_name, module in model.named_modules():
         for name, param in list(module._parameters.items()):
             if not isinstance(param, DTensor):
@@ -119,28 +116,8 @@ def _localise_dtensors(model) -> tuple[dict, dict]:
                     "with expert parallelism only, dense layers must stay whole. Load with "
                     "ep_ds_shim.ep_from_pretrained_kwargs(...), which maps the TP plan to 'replicate'."
                 )
-            if not replicated:
-                converted[module] = param.device_mesh
             local = torch.nn.Parameter(param.to_local().detach(), requires_grad=param.requires_grad)
             local.__dict__.update({k: v for k, v in param.__dict__.items() if k.startswith("_is_hf")})
             module._parameters[name] = local
             replaced[param] = local
-    return converted, replaced
-
-
-def _reduce_expert_outputs(converted: dict) -> None:
-    """On releases whose EP hook all-reduces the experts' output only while their weights are DTensors, attach
-    that reduction to each converted experts module, using the release's own autograd function."""
-    if _AllReduceForward is None:
-        raise EpShimError(
-            "this release's EP hook needs DTensor expert weights to all-reduce expert outputs, and its "
-            "_AllReduceForward could not be found; the shim cannot make the experts DeepSpeed-ready. "
-            "Report it with `python -m ep_ds_shim doctor`."
-        )
-    for module, mesh in converted.items():
-        group = mesh.get_group()
-
-        def all_reduce_output(module, args, output, group=group):
-            return _AllReduceForward.apply(output, group)
-
-        module.register_forward_hook(all_reduce_output)
+    return replaced

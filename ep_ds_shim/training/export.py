@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import weakref
-from contextvars import ContextVar
 
 import torch
 import torch.distributed as dist
@@ -29,20 +28,7 @@ from ..distributed import exchange, initialised
 from ..errors import EpShimError, IncompleteSaveError
 from .record import EPModelRecord, record_of, unwrap
 
-# The library's own state_dict() calls that may see this rank's expert shards (its gather; DeepSpeed's per-rank
-# checkpoint files), where the stage 0-2 state-dict guard must stay quiet.
-local_state_dict_allowed: ContextVar[bool] = ContextVar("ep_ds_shim_local_state_dict_allowed", default=False)
-
 _DECIDED_HERE = ("state_dict", "is_main_process", "distributed_checkpoint")
-
-
-@contextlib.contextmanager
-def allow_local_state_dict():
-    token = local_state_dict_allowed.set(True)
-    try:
-        yield
-    finally:
-        local_state_dict_allowed.reset(token)
 
 
 def gather_full_state_dict(model_or_engine, *, exclude_frozen_parameters: bool = False) -> dict | None:
@@ -55,8 +41,7 @@ def gather_full_state_dict(model_or_engine, *, exclude_frozen_parameters: bool =
     rank = dist.get_rank()
     in_first_replica = 0 in record.ep_ranks  # the EP group that holds global rank 0 sends its shards there
     ep_group = record.ep_group()
-    with allow_local_state_dict():
-        entries = model.state_dict(keep_vars=True)
+    entries = model.state_dict(keep_vars=True)
     parameters = dict(model.named_parameters(remove_duplicate=False))
     full: dict | None = {} if rank == 0 else None
     seen: dict[int, str] = {}

@@ -5,26 +5,26 @@ is patched, and without DeepSpeed they change nothing):
 
 - `set_deepspeed_parallelism`: DeepSpeed's own per-module hook, which `deepspeed.initialize` calls on every module
   that has it, at every ZeRO stage, after it has chosen its groups and before it broadcasts or partitions anything
-  (docs/design.md, "What DeepSpeed does to the model"). It refuses, on every rank, a data-parallel group that mixes
-  ranks holding different experts (the upstream recipe without `mpu`) or a model-parallel group that is not the EP
-  group, and a model that was never made DeepSpeed-ready.
+  (docs/design.md, "What DeepSpeed does to the model"). DeepSpeed's MoE layers build their expert groups there;
+  so does this one (`expert_groups.create_groups`), for a model the library is handing over. It refuses, on every
+  rank, a model DeepSpeed takes any other way (the upstream recipe: DeepSpeed would broadcast rank 0's experts over
+  every rank and average unrelated gradients) and a data-parallel group that is not every rank (an `mpu`).
 - `to`: only while the expert weights are still DTensors (the model as transformers returned it), DeepSpeed's
   `module.to(device)` fails with an opaque "Couldn't swap" error; the guard re-raises it as a clear one.
 
 Then, as a second line:
 
-- `check_deepspeed_groups`: ZeRO-3 partitions a parameter over a group that mixes ranks holding different experts,
-  or DeepSpeed's model-parallel group is not the EP group (local check, no collective).
+- `check_deepspeed_groups`: ZeRO-3 partitions an expert shard over a group that is not its expert-data-parallel
+  group, or a dense weight over a group that is not every rank (local check, no collective).
 - `verify_expert_integrity`: every rank's expert shards still equal what it loaded (a cross-rank check).
 - the first-forward guard (armed by `adoption.make_deepspeed_ready`): runs both before the first forward, and the
   first training forward, of a model the library did not hand to DeepSpeed itself; and refuses training forwards
-  on releases whose EP backward is wrong upstream.
+  on releases where EP training is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
 import weakref
 
 import torch
@@ -34,56 +34,41 @@ from torch.distributed.tensor import DTensor
 from .. import experts
 from ..distributed import exchange, initialised
 from ..errors import DeepSpeedGroupsError, EpShimError, ExpertIntegrityError
-from ..releases.support import refuse_training_if_defective, transformers_version
+from ..releases.lines import refuse_training_if_unsupported
+from ..releases.support import transformers_version
+from . import expert_groups
 from .record import EPModelRecord, record_of, unwrap
 
-WHAT_TO_PASS = (
-    "Pass the DP x EP groups: `layout = ep_ds_shim.DPxEPLayout(ep_size)` on every rank before loading, then "
-    "`ep_ds_shim.initialize(model=..., layout=layout, ...)` (or `deepspeed.initialize(..., mpu=layout.mpu())`), or "
-    "wrap the launcher's call in `ep_ds_shim.supply_deepspeed_groups(layout)`."
-)
-
-
 HANDOVER_HINT = (
-    "Hand EP models to DeepSpeed through the library: `ep_ds_shim.initialize(model=..., layout=layout, ...)`, "
-    "`with ep_ds_shim.supply_deepspeed_groups(layout): accelerator.prepare(...)`, or `ep_ds_shim.EPTrainer`; it "
-    "makes the model DeepSpeed-ready and supplies the DP x EP groups."
+    "Hand EP models to DeepSpeed through the library: `ep_ds_shim.initialize(model=..., layout=layout, ...)` "
+    "instead of `deepspeed.initialize`, `with ep_ds_shim.supply_deepspeed_groups(layout): accelerator.prepare(...)` "
+    "for launchers that call it themselves, or `ep_ds_shim.EPTrainer`; it makes the model DeepSpeed-ready and puts "
+    "its experts in DeepSpeed's expert groups."
 )
 
 
 class DeepSpeedGroupsCheck:
-    """DeepSpeed's `set_deepspeed_parallelism` hook on an EP model: refuses groups that would be silently wrong."""
+    """DeepSpeed's `set_deepspeed_parallelism` hook on an EP model: builds DeepSpeed's expert groups for a model the
+    library hands over, and refuses every other way in before DeepSpeed changes anything."""
 
-    def __init__(self, record: EPModelRecord):
+    def __init__(self, model, record: EPModelRecord):
+        self.model = weakref.ref(model)
         self.record = record
 
-    def __call__(self, *args, **kwargs) -> None:
+    def __call__(self, use_data_before_expert_parallel_: bool = False, *args, **kwargs) -> None:
         if not self.record.deepspeed_ready:
             raise DeepSpeedGroupsError(
-                "deepspeed.initialize was given an EP model as transformers returned it, without the DP x EP groups "
-                f"(nothing has been changed yet). {HANDOVER_HINT}"
+                "deepspeed.initialize was given an EP model as transformers returned it (nothing has been changed "
+                f"yet). {HANDOVER_HINT}"
             )
-        groups = _deepspeed_groups()
-        rank = dist.get_rank()
-        peers = set(self.record.ep_ranks) - {rank}
-        data_parallel = sorted(dist.get_process_group_ranks(groups._get_sequence_data_parallel_group()))
-        mixed = sorted(set(data_parallel) & peers)
-        if mixed:
+        if not self.record.handing_over:
             raise DeepSpeedGroupsError(
-                f"deepspeed.initialize would use data-parallel group {data_parallel}, which includes {mixed}: ranks of "
-                f"this rank's expert-parallel group {list(self.record.ep_ranks)} that hold *different* experts. It "
-                "would broadcast one rank's experts over the others and average unrelated gradients (nothing has "
-                f"been changed yet). {WHAT_TO_PASS}"
+                "deepspeed.initialize was called on an EP model outside the library's hand-over, so nothing would "
+                "put its experts in DeepSpeed's expert groups: DeepSpeed would broadcast one rank's experts over the "
+                f"others and average unrelated gradients (nothing has been changed yet). {HANDOVER_HINT}"
             )
-        mpu = getattr(groups, "mpu", None)
-        if self.record.ep_size > 1:
-            mp_ranks = sorted(dist.get_process_group_ranks(mpu.get_model_parallel_group())) if mpu else [rank]
-            if mp_ranks != sorted(self.record.ep_ranks):
-                raise DeepSpeedGroupsError(
-                    f"DeepSpeed's model-parallel group is {mp_ranks}, but this rank's expert-parallel group is "
-                    f"{list(self.record.ep_ranks)}: the gradient norm (gradient clipping is on by default) would differ "
-                    f"between EP ranks and dense weights would drift apart. {WHAT_TO_PASS}"
-                )
+        expert_groups.create_groups(self.model(), self.record,
+                                    use_data_before_expert_parallel=bool(use_data_before_expert_parallel_))
 
 
 class ClearSwapError:
@@ -109,7 +94,7 @@ class ClearSwapError:
 
 def attach_instance_guards(model, record: EPModelRecord) -> None:
     """At the end of an EP load inside the block (see the module docstring)."""
-    model.__dict__["set_deepspeed_parallelism"] = DeepSpeedGroupsCheck(record)
+    model.__dict__["set_deepspeed_parallelism"] = DeepSpeedGroupsCheck(model, record)
     if any(isinstance(param, DTensor) for param in model.parameters()):
         model.__dict__["to"] = ClearSwapError(model)
 
@@ -132,8 +117,8 @@ def _guard(model, args, kwargs):
     record = record_of(model)
     training = model.training and torch.is_grad_enabled()
     if training:
-        # transformers' own EP backward is wrong on some releases: refuse training there, keep inference
-        refuse_training_if_defective(transformers_version())
+        # EP training is refused on some releases (wrong upstream, or no token dispatcher): inference stays fine
+        refuse_training_if_unsupported(transformers_version())
     due = "forward" not in record.checked or (training and "training forward" not in record.checked)
     if due and "deepspeed hand-over" not in record.checked:
         check_deepspeed_groups(model)
@@ -151,42 +136,36 @@ def under_zero3(model) -> bool:
 
 
 def check_deepspeed_groups(model_or_engine) -> None:
-    """Raise if DeepSpeed would treat ranks holding different experts as replicas. Local, no collective."""
+    """Raise if ZeRO-3 partitions an expert shard over anything but its expert-data-parallel group (ranks holding
+    the same experts) or a dense weight over anything but every rank. Local, no collective."""
     model = unwrap(model_or_engine)
     record = record_of(model)
     if not initialised():
         return
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
     peers = set(record.ep_ranks) - {rank}
-    for name, param in experts.expert_parameters(model).items():
+    same_experts = expert_groups.expert_data_parallel_ranks(record)
+    expert_names = set(experts.expert_parameters(model))
+    for name, param in model.named_parameters():
         group = getattr(param, "ds_process_group", None)
         if group is None:
             continue
-        members = set(dist.get_process_group_ranks(group))
-        mixed = sorted(members & peers)
-        if mixed:
+        members = sorted(dist.get_process_group_ranks(group))
+        if name in expert_names and members != same_experts:
+            mixed = sorted(set(members) & peers)
             raise DeepSpeedGroupsError(
-                f"deepspeed.initialize partitions {name} over ranks {sorted(members)}, which include {mixed}: "
-                f"ranks of this rank's expert-parallel group {list(record.ep_ranks)} that hold *different* experts. "
-                "ZeRO-3 has already overwritten them with one rank's experts and would average unrelated "
-                f"gradients. {WHAT_TO_PASS}"
+                f"deepspeed.initialize partitions {name} over ranks {members}"
+                + (f", which include {mixed}: ranks of this rank's expert-parallel group {list(record.ep_ranks)} "
+                   "that hold *different* experts. ZeRO-3 has already overwritten them with one rank's experts and "
+                   "would average unrelated gradients" if mixed else
+                   f", not over the ranks holding the same experts {same_experts}")
+                + f". {HANDOVER_HINT}"
             )
-    groups = _deepspeed_groups()
-    mpu = getattr(groups, "mpu", None) if groups is not None else None
-    if mpu is not None and record.ep_size > 1:
-        mp_ranks = sorted(dist.get_process_group_ranks(mpu.get_model_parallel_group()))
-        if mp_ranks != sorted(record.ep_ranks):
+        if name not in expert_names and members != list(range(world)):
             raise DeepSpeedGroupsError(
-                f"DeepSpeed's model-parallel group is {mp_ranks}, but this rank's expert-parallel group is "
-                f"{list(record.ep_ranks)}: the gradient norm (gradient clipping is on by default) would differ "
-                f"between EP ranks and dense weights would drift apart. {WHAT_TO_PASS}"
+                f"deepspeed.initialize partitions the dense weight {name} over ranks {members}, not over every rank "
+                f"(it was given an `mpu`): each rank would hold more of the dense state than it needs. {HANDOVER_HINT}"
             )
-
-
-def _deepspeed_groups():
-    """DeepSpeed's group registry, if DeepSpeed has been imported (the guard never imports it itself: a model that
-    DeepSpeed has not seen does not need it)."""
-    return sys.modules.get("deepspeed.utils.groups")
 
 
 def verify_expert_integrity(model_or_engine, *, ranks: tuple[int, ...] | None = None) -> None:
@@ -215,5 +194,5 @@ def verify_expert_integrity(model_or_engine, *, ranks: tuple[int, ...] | None = 
         raise ExpertIntegrityError(
             f"expert weights no longer equal what each rank loaded ({here}; ranks affected: {sorted(bad)}). Something "
             "(typically DeepSpeed's initial broadcast over the wrong data-parallel group) overwrote an EP shard. "
-            f"{WHAT_TO_PASS}"
+            f"{HANDOVER_HINT}"
         )

@@ -1,10 +1,10 @@
 """The DP x EP layout: world = data-parallel size x expert-parallel size.
 
-Ranks ``[d*ep, (d+1)*ep)`` form data-parallel replica ``d``; inside it, expert parallelism splits the experts
-over its ``ep`` ranks, which must all see the *same* batch (transformers' EP is like tensor parallelism in
-this respect). DeepSpeed's ZeRO-3 must only ever treat ranks holding the *same* experts as replicas: its
-data-parallel group is ``{e, e+ep, e+2ep, ...}`` for EP rank ``e``, and its model-parallel group is the EP
-group (so the global gradient norm counts dense weights once and every expert shard once).
+Ranks ``[d*ep, (d+1)*ep)`` form EP group ``d``: expert parallelism splits the experts over its ``ep`` ranks, so
+the ``dp`` groups each hold every expert once. Every rank trains on its *own* batch: the release's token dispatcher
+sends each token to its experts' rank and back (`token_dispatch.py`). For DeepSpeed, every rank is a data-parallel
+rank of the dense layers (ZeRO-3 partitions them over all ranks), and an expert shard's data-parallel group is the
+ranks holding the same experts, ``{e, e+ep, e+2ep, ...}`` for EP rank ``e`` (`expert_groups.py`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from ..distributed import default_device_type
-from ..errors import EPRequestError
+from ..errors import EpShimError, EPRequestError
 from ..releases.ep_request import ep_from_pretrained_kwargs
 
 
@@ -23,7 +23,8 @@ class DPxEPLayout:
 
     >>> layout = DPxEPLayout(ep_size=2)            # world 4 -> dp 2 x ep 2
     >>> model = AutoModelForCausalLM.from_pretrained(path, **layout.from_pretrained_kwargs(path))
-    >>> engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config, mpu=layout.mpu())
+    >>> engine, *_ = ep_ds_shim.initialize(model=model, layout=layout, optimizer=opt, config=ds_config)
+    >>> loader = DataLoader(dataset, sampler=layout.sampler(dataset), batch_size=2)   # every rank its own batches
     """
 
     def __init__(self, ep_size: int, *, device_type: str | None = None):
@@ -58,9 +59,14 @@ class DPxEPLayout:
             f"dp_rank={self.dp_rank}, ep_rank={self.ep_rank})"
         )
 
-    def mpu(self) -> "DPxEPGroups":
-        """The object to pass as ``deepspeed.initialize(..., mpu=...)``."""
-        return DPxEPGroups(self)
+    def mpu(self):
+        """Removed in 0.3.0: DeepSpeed gets no `mpu` any more (see the error)."""
+        raise EpShimError(
+            "DPxEPLayout.mpu() was removed in ep-ds-shim 0.3.0: DeepSpeed's data-parallel group is now every rank "
+            "(ZeRO-3 partitions the dense weights over all of them) and the experts go into DeepSpeed's own expert "
+            "groups. Call ep_ds_shim.initialize(model=..., layout=layout, optimizer=..., config=...) instead of "
+            "deepspeed.initialize(..., mpu=layout.mpu()), and feed every rank its own batch (layout.sampler)."
+        )
 
     def from_pretrained_kwargs(self, model_ref, *, model_class=None) -> dict:
         """The `from_pretrained` keyword arguments that load EP over this layout's ``ep`` dimension on the
@@ -68,42 +74,9 @@ class DPxEPLayout:
         return ep_from_pretrained_kwargs(model_ref, self.ep_size, layout=self, model_class=model_class)
 
     def sampler(self, dataset, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False):
-        """A DistributedSampler over data-parallel replicas: every rank of an EP group gets the same batches."""
+        """A DistributedSampler over every rank: each rank trains on its own batches."""
         from torch.utils.data import DistributedSampler
 
         return DistributedSampler(
-            dataset, num_replicas=self.dp_size, rank=self.dp_rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+            dataset, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle, seed=seed, drop_last=drop_last
         )
-
-
-@dataclass(frozen=True)
-class DPxEPGroups:
-    """A Megatron-style ``mpu`` for DeepSpeed: data parallel = same-expert ranks, model parallel = the EP group.
-
-    DeepSpeed uses the data-parallel group for ZeRO-3 partitioning, its initial broadcast and gradient
-    averaging, and the model-parallel group (with the ``model_parallel`` attribute the shim sets on expert
-    weights) to sum the gradient norm, which gradient clipping (on by default: 1.0) depends on.
-    """
-
-    layout: DPxEPLayout
-
-    def get_data_parallel_group(self):
-        return self.layout.dp_group
-
-    def get_data_parallel_rank(self) -> int:
-        return self.layout.dp_rank
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.layout.dp_size
-
-    def get_data_parallel_group_ranks(self) -> list[int]:
-        return list(self.layout.dp_ranks)
-
-    def get_model_parallel_group(self):
-        return self.layout.ep_group
-
-    def get_model_parallel_rank(self) -> int:
-        return self.layout.ep_rank
-
-    def get_model_parallel_world_size(self) -> int:
-        return self.layout.ep_size

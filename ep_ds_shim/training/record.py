@@ -24,10 +24,11 @@ class EPModelRecord:
     # Integrity checks passed so far: "deepspeed hand-over" (right after the library's deepspeed.initialize),
     # "forward" / "training forward" (the first-forward guard).
     checked: set[str] = field(default_factory=set)
+    # True while the library's hand-over runs `deepspeed.initialize` on this model (DeepSpeed's groups hook checks it)
+    handing_over: bool = False
     layout: object = None  # the DPxEPLayout DeepSpeed was given (set when the library hands the model over)
     zero_stage: int | None = None  # the ZeRO stage of the engine that took it
     guard_handle: object = field(default=None, repr=False)
-    state_dict_guard: object = field(default=None, repr=False)  # ZeRO 0-2: refuses one rank's experts as the model
 
     def ep_group(self):
         """The process group of this rank's EP group."""

@@ -1,10 +1,10 @@
 """The `deepspeed.initialize` wrapper behind `supply_deepspeed_groups`.
 
 `accelerate`'s `Accelerator.prepare` and the transformers `Trainer` (through accelerate) call
-`deepspeed.initialize` themselves and have no way to pass an ``mpu``. Inside the block, a call whose model is an
-EP model the shim loaded, and that brings no ``mpu`` of its own, gets ``mpu=layout.mpu()``; a
-``train_batch_size`` the launcher computed over all ranks is restated over data-parallel replicas (EP ranks
-share one batch); the hand-over checks run before and after (`handover.py`). Other calls pass through untouched.
+`deepspeed.initialize` themselves. Inside the block, a call whose model is an EP model the shim loaded goes through
+the library's hand-over (`handover.py`): the checks before, DeepSpeed's expert groups built inside it, the checks
+after. Other calls pass through untouched. Nothing about the call changes: DeepSpeed's data-parallel group is every
+rank, as launchers already assume (their `train_batch_size` counts every rank).
 """
 
 from __future__ import annotations
@@ -24,15 +24,13 @@ NAME = "deepspeed.initialize"
 def supply_groups(wrapped, instance, args, kwargs):
     bound = inspect.signature(wrapped).bind_partial(*args, **kwargs)
     model = bound.arguments.get("model")
-    if model is None or bound.arguments.get("mpu") is not None or record_of(model, required=False) is None:
+    if model is None or record_of(model, required=False) is None:
         return wrapped(*args, **kwargs)
-    arguments = dict(bound.arguments)
-    config_key = "config" if arguments.get("config") is not None else "config_params"
-    layout = handover.before(model, GROUPS.innermost(), arguments.get(config_key), optimizer=arguments.get("optimizer"))
-    arguments["mpu"] = layout.mpu()
-    if arguments.get(config_key) is not None:
-        arguments[config_key] = handover.restate_batch_size(arguments[config_key], layout)
-    result = wrapped(**arguments)
+    config = bound.arguments.get("config")
+    if config is None:
+        config = bound.arguments.get("config_params")
+    with handover.handing_over(model, GROUPS.innermost(), config, optimizer=bound.arguments.get("optimizer")) as layout:
+        result = wrapped(*args, **kwargs)
     handover.after(result[0])
-    logger.info(f"ep_ds_shim: supplied the DP x EP groups to deepspeed.initialize ({layout})")
+    logger.info(f"ep_ds_shim: handed the EP model to deepspeed.initialize with DeepSpeed's expert groups ({layout})")
     return result

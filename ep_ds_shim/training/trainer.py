@@ -2,15 +2,16 @@
 
 Only what differs from a data-parallel Trainer is overridden; everything else is the Trainer's own machinery:
 
-- batches: the ranks of an EP group must see the same batch. The training sampler is the layout's
-  (`layout.sampler`: sharded over data-parallel replicas); the Trainer builds its DataLoader as usual (collator,
+- batches: every rank trains on its own batches. The training sampler is the layout's (`layout.sampler`: sharded
+  over every rank, seeded, the same on every launcher); the Trainer builds its DataLoader as usual (collator,
   column removal, workers, pinning, seeding), and accelerate's per-process re-sharding of it is made a
-  passthrough, the way the Trainer itself neutralises it for its own rank-aware `BatchRebalanceSampler`.
+  passthrough (the sampler already shards; with DeepSpeed on CPU accelerate would count one process), the way the
+  Trainer itself neutralises it for its own rank-aware `BatchRebalanceSampler`.
 - who owns parallelism: the Trainer would read the EP spelling's `tp_size` as tensor parallelism and the "sharded
   at load time" flag as "transformers reduces gradients"; both are hidden while it sets up accelerate, because
   DeepSpeed owns data parallelism here.
-- groups: the Trainer's `accelerator.prepare` calls `deepspeed.initialize` without an `mpu`; `train()` runs inside
-  `supply_deepspeed_groups(layout)`; a model loaded before `TrainingArguments(deepspeed=...)` is made DeepSpeed-ready
+- groups: the Trainer's `accelerator.prepare` calls `deepspeed.initialize` itself; `train()` runs inside
+  `supply_deepspeed_groups(layout)`, so that call is the library's hand-over; a model loaded before `TrainingArguments(deepspeed=...)` is made DeepSpeed-ready
   before the Trainer builds its optimizer.
 - saving: `save_model` (and so every checkpoint) writes the whole model (`export.py`), not one rank's experts.
 
@@ -67,7 +68,7 @@ class EPTrainerMixin:
     def get_train_dataloader(self) -> DataLoader:
         dataloader = super().get_train_dataloader()
         # accelerate wraps the batch sampler to shard it over all processes; the layout's sampler is already
-        # sharded over data-parallel replicas (EP ranks share batches), so that wrapper must pass batches through.
+        # sharded over every rank, so that wrapper must pass batches through (sharding twice would skip data).
         sharded = getattr(dataloader, "batch_sampler", None)
         if sharded is not None and hasattr(sharded, "num_processes") and hasattr(sharded, "process_index"):
             sharded.num_processes, sharded.process_index = 1, 0

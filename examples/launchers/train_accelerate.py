@@ -4,9 +4,9 @@
     (GPUs: a config without use_cpu, and --device cuda)
 
 `Accelerator()` signals ZeRO-3 (it creates the HfDeepSpeedConfig). `prepare()` calls `deepspeed.initialize`
-itself, with no way to pass an `mpu`, so it runs inside `ep_ds_shim.supply_deepspeed_groups(layout)`. Batches:
-the DataLoader is *not* given to `prepare()` (accelerate would shard it over all ranks, but the ranks of an EP
-group must see the same batch); `layout.sampler(...)` shards it over data-parallel replicas instead.
+itself, so it runs inside `ep_ds_shim.supply_deepspeed_groups(layout)`, which makes that call the library's
+hand-over. Every rank trains on its own batch (`layout.sampler(...)` shards a dataset over every rank; on CPU
+accelerate counts one DeepSpeed process, so this script does not give it the DataLoader to shard).
 """
 
 from __future__ import annotations
@@ -48,13 +48,17 @@ def main(argv=None) -> int:
         layout = ep_ds_shim.DPxEPLayout(args.ep_size or dist.get_world_size())
         model = load()
     optimizer = torch.optim.AdamW(model.parameters(), **testing.OPTIMIZER)
-    # No DataLoader goes through prepare(), so tell DeepSpeed the per-rank micro batch (accelerate's documented way).
-    accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batches[0].shape[0]
+    # No DataLoader goes through prepare(), so tell DeepSpeed the per-rank micro batch (accelerate's documented way),
+    # and the global batch over every rank (accelerate counts num_processes=1 for DeepSpeed on CPU).
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds_config["train_micro_batch_size_per_gpu"] = batches[0].shape[0]
+    ds_config["train_batch_size"] = batches[0].shape[0] * ds_config.get("gradient_accumulation_steps", 1) \
+        * dist.get_world_size()
     with ep_ds_shim.supply_deepspeed_groups(layout):
         model, optimizer = accelerator.prepare(model, optimizer)
 
     model.train()
-    batch = batches[layout.dp_rank]
+    batch = batches[layout.rank]
     out = model(input_ids=batch, labels=batch)
     accelerator.backward(out.loss)  # under DeepSpeed this also runs engine.step()
     optimizer.step()

@@ -4,9 +4,10 @@
     deepspeed --num_gpus 8 examples/launchers/train_trainer.py --device cuda --model-dir <ckpt>
 
 `TrainingArguments(deepspeed=...)` signals ZeRO-3, so the model is loaded inside `ep_zero3_compat()` after it.
-`ep_ds_shim.EPTrainer` feeds every rank of an EP group the same batches and hands the Trainer's
-`deepspeed.initialize` the DP x EP groups. The reference is the same few steps in a plain single-process run
-(a subprocess of rank 0, before anything distributed starts); losses are compared step by step.
+`ep_ds_shim.EPTrainer` feeds every rank its own batches (`layout.sampler`) and makes the Trainer's
+`deepspeed.initialize` the library's hand-over. The reference is the same few steps in a plain single-process run
+on every rank's batches together (a subprocess of each rank, before anything distributed starts); losses are
+compared step by step.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MAST
                    "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID")
 
 
-def dataset(vocab_size: int, dp_size: int):
-    """STEPS x dp_size x 2 sequences: step s of replica d trains on rows [(s*dp+d)*2, +2)."""
+def dataset(vocab_size: int, world: int):
+    """STEPS x world x 2 sequences: step s of rank r trains on rows [(s*world+r)*2, +2)."""
     from ep_ds_shim import testing
 
     rows = []
-    for index in range(STEPS * dp_size):
+    for index in range(STEPS * world):
         rows.extend({"input_ids": x, "labels": x} for x in testing.batch_for(index, vocab_size=vocab_size))
     return rows
 
@@ -54,14 +55,14 @@ def losses(trainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-def reference(path: str, dp_size: int, out: str) -> None:
-    """Single process, no DeepSpeed: the replicas' batches concatenated make one step's batch."""
+def reference(path: str, world: int, out: str) -> None:
+    """Single process, no DeepSpeed: every rank's batch concatenated makes one step's batch."""
     from transformers import AutoModelForCausalLM, Trainer
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    rows = dataset(model.config.vocab_size, dp_size)
+    rows = dataset(model.config.vocab_size, world)
     with tempfile.TemporaryDirectory() as tmp:
-        args = training_arguments(tmp, batch_size=2 * dp_size)
+        args = training_arguments(tmp, batch_size=2 * world)
         args.train_sampling_strategy = "sequential"
         trainer = Trainer(model=model, args=args, train_dataset=rows)
         trainer.train()
@@ -83,10 +84,9 @@ def main(argv=None) -> int:
     from ep_ds_shim import testing
 
     path = args.model_dir or str(testing.build_tiny_moe(os.path.join("build", "examples", f"tiny-{args.family}"), args.family))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dp_size = world // (args.ep_size or world)
+    world = int(os.environ.get("WORLD_SIZE_FOR_REFERENCE") or os.environ.get("WORLD_SIZE", "1"))
     if "--reference-only" in (argv or sys.argv[1:]):
-        reference(path, dp_size, args.json)
+        reference(path, world, args.json)
         return 0
 
     ref_losses = None
@@ -107,7 +107,9 @@ def main(argv=None) -> int:
     deepspeed.init_distributed(dist_backend="nccl" if args.device == "cuda" else "gloo")
     layout = ep_ds_shim.DPxEPLayout(args.ep_size or dist.get_world_size())
     ds_config = {
-        "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
+        # no train_batch_size: DeepSpeed derives it over every rank (the Trainer's "auto" would count accelerate's
+        # processes, one for DeepSpeed on CPU)
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto", "zero_optimization": {"stage": 3}, "steps_per_print": 10**9,
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,12 +120,12 @@ def main(argv=None) -> int:
             training_args = training_arguments(tmp, deepspeed=ds_config)  # signals ZeRO-3
             model = load(path, layout)
         training_args.train_sampling_strategy = "sequential"
-        rows = dataset(model.config.vocab_size, layout.dp_size)
+        rows = dataset(model.config.vocab_size, layout.world_size)
         trainer = EPTrainer(model=model, args=training_args, train_dataset=rows, ep_layout=layout)
         if trainer.accelerator.num_processes != dist.get_world_size():
             # accelerate reports num_processes=1 for DeepSpeed on CPU; the Trainer's cross-device token count
             # then scales the loss by num_processes // tp_size = 0. Every batch here has the same number of tokens,
-            # so letting the model average over its own tokens (DeepSpeed then averages over replicas) is exact.
+            # so letting the model average over its own tokens (DeepSpeed then averages over ranks) is exact.
             trainer.model_accepts_loss_kwargs = False
         trainer.train()
     got = losses(trainer)

@@ -1,5 +1,5 @@
 """The package's structure: every module imports on its own (no import order or cycle is needed to make it
-work), and importing it raises no warning of the package's own (the deprecated `hf_trainer` alias excepted)."""
+work), and importing it raises no warning of the package's own."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ MODULES = sorted(
     ".".join(("ep_ds_shim", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
     for path in PACKAGE.rglob("*.py")
 )
-DEPRECATED = "ep_ds_shim.hf_trainer"
 
 # One fresh interpreter imports the third-party packages once, then forks a child per module: each child imports
 # one ep_ds_shim module into an interpreter where no ep_ds_shim module is loaded yet, with warnings raised from
@@ -42,7 +41,7 @@ print(json.dumps(results))
 
 
 def test_every_module_imports_on_its_own_without_warnings():
-    modules = [m for m in MODULES if m != DEPRECATED]
+    modules = MODULES
     assert len(modules) > 30, modules
     proc = subprocess.run([sys.executable, "-c", _FORK_EACH, json.dumps(modules)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -52,14 +51,9 @@ def test_every_module_imports_on_its_own_without_warnings():
     assert set(results) == set(modules)
 
 
-def test_deprecated_alias_warns_and_still_works():
-    proc = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", f"import {DEPRECATED}"],
-                          capture_output=True, text=True)
-    assert proc.returncode and "ep_ds_shim.EPTrainer" in proc.stderr
-    sys.modules.pop(DEPRECATED, None)
-    with pytest.warns(DeprecationWarning, match="ep_ds_shim.EPTrainer"):
-        import ep_ds_shim.hf_trainer as alias
-    assert alias.EPTrainer is ep_ds_shim.EPTrainer
+def test_the_alias_removed_in_0_3_is_gone():
+    with pytest.raises(ModuleNotFoundError):
+        import ep_ds_shim.hf_trainer  # noqa: F401
 
 
 def test_public_api_resolves():

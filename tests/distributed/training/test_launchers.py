@@ -108,9 +108,9 @@ def test_zero_edit_activation_of_the_unmodified_upstream_recipe(tiny_checkpoint,
     run = run_command(torchrun(2, "-m", "ep_ds_shim.run", str(recipe), str(path)), nproc=2,
                       env={"TRANSFORMERS_VERBOSITY": "info"})
     assert run.returncode == 0, run
-    # the load really was EP under ZeRO-3 through the standard path, and DeepSpeed got the DP x EP groups
+    # the load really was EP under ZeRO-3 through the standard path, and DeepSpeed took it through the hand-over
     assert run.output.count("EP load of Qwen3MoeForCausalLM (ep_size=2) under ZeRO-3 took the standard path") == 2, run
-    assert run.output.count("supplied the DP x EP groups") == 2, run
+    assert run.output.count("handed the EP model to deepspeed.initialize with DeepSpeed's expert groups") == 2, run
     losses = {(int(r), int(s)): float(v) for r, s, v in re.findall(r"rank=(\d) step=(\d) loss=([0-9.]+)", run.output)}
     assert len(losses) == 4, run
     reference = reference_losses(path, 2)

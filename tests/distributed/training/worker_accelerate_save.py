@@ -33,10 +33,12 @@ def main(path: str, output_dir: str, report_path: str) -> None:
     with ep_ds_shim.ep_zero3_compat():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **layout.from_pretrained_kwargs(path))
     optimizer = torch.optim.AdamW(model.parameters(), **testing.OPTIMIZER)
-    accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 2
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds_config["train_micro_batch_size_per_gpu"] = 2
+    ds_config["train_batch_size"] = 2 * dist.get_world_size()  # accelerate counts one process for DeepSpeed on CPU
     with ep_ds_shim.supply_deepspeed_groups(layout):
         model, optimizer = accelerator.prepare(model, optimizer)
-    batch = testing.batch_for(layout.dp_rank)
+    batch = testing.batch_for(layout.rank)
     out = model(input_ids=batch, labels=batch)
     accelerator.backward(out.loss)
     optimizer.step()

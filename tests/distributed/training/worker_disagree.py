@@ -45,7 +45,7 @@ def main(path: str, mode: str, report_path: str) -> None:
         engine, *_ = ep_ds_shim.initialize(model=model, layout=layout, config=config,
                                             optimizer=torch.optim.AdamW(model.parameters(), **testing.OPTIMIZER))
         report["stage"] = "forward"
-        batch = testing.batch_for(layout.dp_rank)
+        batch = testing.batch_for(layout.rank)
         engine(input_ids=batch, labels=batch)
         report["stage"] = "done"
     except Exception as error:  # noqa: BLE001 - recorded for the test

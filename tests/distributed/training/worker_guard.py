@@ -6,7 +6,8 @@ mode "upstream": load inside the block, then the upstream recipe `deepspeed.init
 config)` with no groups, then a training step; records what was raised and where.
 mode "corrupt": load inside the block, overwrite part of rank 1's expert shard, then `ep_ds_shim.initialize`;
 records what was raised.
-mode "no-mp-group": the right data-parallel groups but a model-parallel group of size 1; records the error.
+mode "mpu": the 0.2 habit, `deepspeed.initialize(..., mpu=<data parallel over same-expert ranks>)` inside
+`supply_deepspeed_groups`; records the error.
 """
 
 from __future__ import annotations
@@ -58,21 +59,30 @@ def main(path: str, mode: str, report_path: str) -> None:
             report["stage"] = "initialize"
             ep_ds_shim.initialize(model=model, layout=layout, optimizer=optimizer, config=config)
             report["stage"] = "done"
-        elif mode == "no-mp-group":
-            class DataParallelOnly(ep_ds_shim.DPxEPGroups):
+        elif mode == "mpu":
+            class SameExpertsDataParallel:  # what DPxEPLayout.mpu() gave in 0.2
+                def get_data_parallel_group(self):
+                    return layout.dp_group
+
+                def get_data_parallel_rank(self):
+                    return layout.dp_rank
+
+                def get_data_parallel_world_size(self):
+                    return layout.dp_size
+
                 def get_model_parallel_group(self):
-                    return _singletons[dist.get_rank()]
+                    return layout.ep_group
 
                 def get_model_parallel_rank(self):
-                    return 0
+                    return layout.ep_rank
 
                 def get_model_parallel_world_size(self):
-                    return 1
+                    return layout.ep_size
 
-            _singletons = [dist.new_group([r]) for r in range(world)]
             report["stage"] = "initialize"
-            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
-                                              mpu=DataParallelOnly(layout))
+            with ep_ds_shim.supply_deepspeed_groups(layout):
+                engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+                                                  mpu=SameExpertsDataParallel())
             report["stage"] = "forward"
             engine(input_ids=x, labels=x)
             report["stage"] = "done"

@@ -6,8 +6,9 @@ A cell is ``<signal>-<stage>-<path>``:
   signal  what was alive while the model loaded inside ep_zero3_compat(): "zero3" / "zero2" (an HfDeepSpeedConfig
           of that stage) or "none";
   stage   the ZeRO stage of the DeepSpeed engine (0-3);
-  path    "upstream": deepspeed.initialize(model, optimizer, config) without mpu (the recipe users copy);
+  path    "upstream": deepspeed.initialize(model, optimizer, config) without the library (the recipe users copy);
           "layout":   ep_ds_shim.initialize(model=..., layout=..., ...).
+Every rank trains on its own batch; the reference is one single-process step on all of them together.
 Each cell loads the model, builds the optimizer from its parameters (as users do, before DeepSpeed sees it),
 initializes, runs one step and records where it raised (and what), or how the step compares with the
 single-process reference. Numbers only; the assertions live in the test.
@@ -57,7 +58,7 @@ def run_cell(cell: str, path: str, layout, reference) -> dict:
         else:
             engine, *_ = ep_ds_shim.initialize(model=model, layout=layout, optimizer=optimizer,
                                                 config=zero_config(stage))
-        batch = testing.batch_for(layout.dp_rank)
+        batch = testing.batch_for(layout.rank)
         result["stage_reached"] = "forward"
         out = engine(input_ids=batch, labels=batch)
         result["stage_reached"] = "backward"
@@ -93,7 +94,7 @@ def main(path: str, report_path: str, *cells: str) -> None:
 
     deepspeed.init_distributed(dist_backend="gloo")
     layout = ep_ds_shim.DPxEPLayout(2)
-    reference = testing.reference_step(path, [testing.batch_for(d) for d in range(layout.dp_size)])
+    reference = testing.reference_step(path, [testing.batch_for(r) for r in range(layout.world_size)])
     report = {"rank": dist.get_rank(), "cells": {}}
     for cell in cells:
         report["cells"][cell] = run_cell(cell, path, layout, reference)

@@ -46,11 +46,11 @@ def training_arguments(output_dir, *, deepspeed=None, batch_size=2, save_only_mo
     )
 
 
-def rows(vocab_size: int, dp_size: int):
+def rows(vocab_size: int, world: int):
     from ep_ds_shim import testing
 
     out = []
-    for index in range(STEPS * dp_size):
+    for index in range(STEPS * world):
         out.extend({"input_ids": x, "labels": x} for x in testing.batch_for(index, vocab_size=vocab_size))
     return out
 
@@ -59,12 +59,13 @@ def losses(trainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-def reference(path: str, output_dir: str, report_path: str, dp_size: int) -> None:
+def reference(path: str, output_dir: str, report_path: str, world: int) -> None:
+    """A single process on every rank's batches together (every rank trains on its own)."""
     from transformers import AutoModelForCausalLM, Trainer
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    trainer = Trainer(model=model, args=training_arguments(output_dir, batch_size=2 * dp_size),
-                      train_dataset=rows(model.config.vocab_size, dp_size))
+    trainer = Trainer(model=model, args=training_arguments(output_dir, batch_size=2 * world),
+                      train_dataset=rows(model.config.vocab_size, world))
     trainer.train()
     trainer.save_model(os.path.join(output_dir, "final"))
     with open(report_path.format(rank=0), "w") as handle:
@@ -81,10 +82,10 @@ def main() -> None:
     parser.add_argument("--save-only-model", action="store_true")
     parser.add_argument("--resume-from")
     parser.add_argument("--reference", action="store_true")
-    parser.add_argument("--dp-size", type=int, default=1)
+    parser.add_argument("--world", type=int, default=2, help="with --reference: the ranks whose batches it trains on")
     args = parser.parse_args()
     if args.reference:
-        return reference(args.path, args.output_dir, args.report, args.dp_size)
+        return reference(args.path, args.output_dir, args.report, args.world)
 
     import deepspeed
     from transformers import AutoModelForCausalLM, Trainer
@@ -95,7 +96,9 @@ def main() -> None:
     rank = dist.get_rank()
     layout = ep_ds_shim.DPxEPLayout(2)
     ds_config = {
-        "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
+        # no train_batch_size: DeepSpeed derives it over every rank (the Trainer's "auto" would count accelerate's
+        # processes, one for DeepSpeed on CPU)
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto", "zero_optimization": {"stage": args.stage,
                                                            "stage3_gather_16bit_weights_on_model_save": True},
         "steps_per_print": 10**9,
@@ -106,13 +109,13 @@ def main() -> None:
         with ep_ds_shim.ep_zero3_compat():
             model = AutoModelForCausalLM.from_pretrained(args.path, dtype=torch.float32,
                                                          **layout.from_pretrained_kwargs(args.path))
-        data = rows(model.config.vocab_size, layout.dp_size)
+        data = rows(model.config.vocab_size, layout.world_size)
         if args.trainer == "ep":
             trainer = ep_ds_shim.EPTrainer(model=model, args=training_args, train_dataset=data, ep_layout=layout)
         else:
             trainer = Trainer(model=model, args=training_args, train_dataset=data)
         # accelerate reports one process for DeepSpeed on CPU; every batch has the same token count, so letting the
-        # model average its own tokens (DeepSpeed then averages over replicas) is exact (see train_trainer.py)
+        # model average its own tokens (DeepSpeed then averages over ranks) is exact (see train_trainer.py)
         trainer.model_accepts_loss_kwargs = False
         if args.trainer == "ep":
             trainer.train(resume_from_checkpoint=args.resume_from)
