@@ -18,6 +18,8 @@ def _merged(per_rank: list[dict]) -> tuple[bool, str | None, dict]:
     worst: dict = {}
     for result in per_rank:
         for key, value in result.items():
+            if key.startswith("_"):
+                continue
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 worst[key] = max(worst.get(key, 0.0), float(value))
             elif key == "loading_problems" and value:

@@ -112,7 +112,7 @@ def verify_model_type(model_type: str, path, work: Path, layout: DPxEPLayout, de
     except Exception as error:  # noqa: BLE001
         failure = _failure(error)
         failure["error"] = "the single-process reference failed: " + failure["error"]
-    engine = None
+    engine = allowance = None
     ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0, "zero_optimization": {"stage": 3},
                  "steps_per_print": 10**9}
     signalled = HfDeepSpeedConfig(ds_config)
@@ -132,6 +132,7 @@ def verify_model_type(model_type: str, path, work: Path, layout: DPxEPLayout, de
         grads = oracle.full_grads(engine)
         engine.step()
         step = figures.step(engine, layout, reference, logits_out=output.logits, loss=output.loss, grads=grads)
+        allowance = step.pop("_allowance")
         out["step"] = {**step, "ok": all(value <= tolerance for value in step.values())}
     except _NoReference:
         for check in CHECKS:
@@ -143,7 +144,8 @@ def verify_model_type(model_type: str, path, work: Path, layout: DPxEPLayout, de
         del signalled
         unset_hf_deepspeed_config()
     if "export" not in out:
-        out["export"] = _check_export(engine, path, model_class, reference, work / f"{model_type}-export", tolerance)
+        out["export"] = _check_export(engine, path, model_class, reference, work / f"{model_type}-export", tolerance,
+                                      allowance)
     dist.barrier()
     return out
 
@@ -164,14 +166,15 @@ def _check_load(model, reference, batch, layout, tolerance) -> dict:
     return {"expert_slices": expert_diff, "logits": logits, "ok": expert_diff == 0.0 and logits <= tolerance}
 
 
-def _check_export(engine, path, model_class, reference, directory, tolerance) -> dict:
+def _check_export(engine, path, model_class, reference, directory, tolerance, allowance) -> dict:
     if engine is None:
         return {"ok": False, "error": "not run: the training step did not complete"}
     try:
         save_pretrained(engine, directory)
         reloaded, info = model_class.from_pretrained(directory, dtype=torch.float32, output_loading_info=True)
         problems = {key: sorted(map(str, value)) for key, value in info.items() if value}
-        weights = figures.exported({name: param.detach() for name, param in reloaded.named_parameters()}, reference)
+        weights = figures.exported({name: param.detach() for name, param in reloaded.named_parameters()}, reference,
+                                   allowance)
         return {"loading_problems": problems, "weights": weights, "ok": not problems and weights <= tolerance}
     except Exception as error:  # noqa: BLE001
         return _failure(error)
