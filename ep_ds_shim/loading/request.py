@@ -67,8 +67,8 @@ def validate_request(cls, args, kwargs, ep_size: int, line) -> None:
         raise EPRequestError(
             f"{name}: ep_size={ep_size} on a world of {world} (data parallel x expert parallel) is not supported on "
             f"transformers {transformers_version()}: this release builds its parallel mesh over the whole world and "
-            "the shim has no verified way to restrict it to one EP group. Use ep_size = world size here, or a "
-            "release listed with DP x EP support in docs/support-matrix.md."
+            "the shim has no verified way to restrict it to one EP group. Use ep_size = world size here, or "
+            "transformers 5.23 or newer (`python -m ep_ds_shim doctor` says whether a release has DP x EP)."
         )
     config = load_config(cls, args, kwargs)
     if config is None:
@@ -78,7 +78,8 @@ def validate_request(cls, args, kwargs, ep_size: int, line) -> None:
         raise EPRequestError(
             f"{name} (model_type={getattr(config, 'model_type', '?')!r}) has no expert-parallel plan in this "
             "transformers release, so an EP load would silently keep every expert on every rank. Use a model "
-            "family with an EP plan (see docs/support-matrix.md) or load it without EP."
+            "family with an EP plan (`python -m ep_ds_shim verify` checks every one this release has) or load it "
+            "without EP."
         )
     refusal = plan_refusal(cls, config)
     if refusal:

@@ -44,7 +44,7 @@ def test_verify_passes_under_torchrun(nproc, ep_size, model_types, run_command, 
             assert outcome == ("known" if label in refused else "pass"), (label, check, report["outcomes"][label])
     passed, known, failed = summary(run.output)
     assert (passed, known, failed) == (3 * len(set(model_types) - refused), 3 * len(refused & set(model_types)), 0)
-    assert "Traceback" not in run.output and "FutureWarning" not in run.output, run.output[-3000:]
+    assert "Traceback" not in run.output and "c10d_logger" not in run.output, run.output[-3000:]  # held back
 
 
 @pytest.mark.distributed
