@@ -1,5 +1,6 @@
 # quickstart.py: torchrun --nproc_per_node 2 quickstart.py      (CPU or GPUs: the same script)
 import os
+import warnings
 
 import torch
 
@@ -12,6 +13,10 @@ from transformers import AutoModelForCausalLM, Qwen3MoeConfig  # noqa: E402
 from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 
 import ep_ds_shim  # noqa: E402
+
+# Optional: DeepSpeed 0.19's ZeRO-3 calls two torch collectives that torch 2.13 deprecates, and on CPU the
+# FutureWarning repeats at every step on every rank. This hides exactly those two messages.
+warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
 
 deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
 rank = torch.distributed.get_rank()

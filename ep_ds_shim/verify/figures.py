@@ -30,10 +30,9 @@ TOLERANCE = {"cpu": 1e-5, "cuda": 1e-4}
 
 def describe(tolerance: float, optimizer: dict = oracle.OPTIMIZER) -> str:
     """The tolerance line of the report."""
-    return (f"every figure is max|difference| / scale of the compared values, pass when <= {tolerance:g}; scales: "
-            "logits, loss, gradient norm, gradients: their largest reference value; weights after the AdamW step: "
-            f"the largest weight, after taking off lr/eps ({optimizer['lr'] / optimizer['eps']:g}) x the measured "
-            "gradient difference (Adam's largest amplification of it); expert slices: must be equal")
+    return (f"relative, <= {tolerance:g}: each figure is max|difference| / the largest reference value of what it "
+            f"compares; weights after the AdamW step: beyond lr/eps ({optimizer['lr'] / optimizer['eps']:g}) x the "
+            "gradient difference; expert slices: equal")
 
 
 def _largest(tensors) -> float:

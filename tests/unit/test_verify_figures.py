@@ -65,7 +65,7 @@ def test_report_states_the_tolerance_and_ends_with_the_summary():
     report.print_report(outcomes, _Layout(), 1e-5, Counter({"FutureWarning": 12}), out=out)
     text = out.getvalue()
     lines = text.splitlines()
-    assert "relative" not in lines[0] and "pass when <= 1e-05" in lines[1] and "scale" in lines[1]
+    assert lines[1].startswith("tolerance: relative, <= 1e-05") and "largest reference value" in lines[1]
     assert [line.split()[1] for line in lines[3:6]] == ["load", "step", "export"]  # in the order they run
     assert "held back: 12 warnings" in text and "--verbose" in text
     assert lines[-1] == "1 model type(s), 3 checks: 3 pass, 0 known, 0 FAIL"
