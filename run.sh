@@ -8,8 +8,9 @@
 #   ./run.sh verify [args]     `python -m ep_ds_shim verify` on 2 CPU ranks (every MoE family with an EP plan)
 #   ./run.sh matrix [REL..]    support-matrix rows on real releases (default: all) in their own environment,
 #                              checked against the committed table; --newest: the canary row of the newest release
-#   ./run.sh wheel-check       build the wheel, install it (not editable) in a fresh environment, run the doctor
-#                              and the unit tests against the installed package
+#   ./run.sh wheel-check       the user's install: the wheel with its dependencies into a fresh environment that has
+#                              only torch; the doctor, verify (one family) and the README's quickstart on 2 ranks
+#                              from outside the checkout, then the unit tests against the installed package
 #   ./run.sh bench [--quick]   benchmarks (see README, Performance)
 #   ./run.sh setup             only build the environment (.venv, DeepSpeed built against the installed torch)
 #
@@ -106,14 +107,27 @@ case "${1:-}" in
     wheel-check)
         shift; setup
         cd "$ROOT"
-        rm -rf build/dist build/venvs/wheel-check
+        # The user's install (README, Install): torch first, then the wheel WITH its dependencies (transformers,
+        # accelerate, wrapt, DeepSpeed's own), nothing else; DeepSpeed's wheel from the cache saves building its sdist.
+        rm -rf build/dist build/venvs/wheel-check build/wheel-run
         py -m pip wheel -q --no-deps --no-build-isolation -w build/dist "$ROOT"
-        make_env "$ROOT/build/venvs/wheel-check" "$TORCH_SPEC"
-        build/venvs/wheel-check/bin/python -m pip install -q --no-deps build/dist/ep_ds_shim-*.whl
+        python3 -m venv build/venvs/wheel-check
+        wc=(build/venvs/wheel-check/bin/python -m pip install -q)
+        "${wc[@]}" --upgrade pip
+        "${wc[@]}" "$TORCH_SPEC"
+        "${wc[@]}" --no-deps "$WHEELS/$DEEPSPEED_SPEC"/deepspeed-*.whl
+        "${wc[@]}" build/dist/ep_ds_shim-*.whl
+        wpy="$ROOT/build/venvs/wheel-check/bin/python"
+        mkdir -p build/wheel-run && cp examples/quickstart.py build/wheel-run/
         # from outside the checkout, so the installed package is what gets imported
-        (cd build && venvs/wheel-check/bin/python -c \
-            'import ep_ds_shim, sys; f = ep_ds_shim.__file__; print("installed package:", f); sys.exit("site-packages" not in f)')
-        (cd build && venvs/wheel-check/bin/python -m ep_ds_shim doctor)
+        (cd build/wheel-run && "$wpy" -c \
+            'import ep_ds_shim, accelerate, sys; f = ep_ds_shim.__file__; print("installed package:", f); sys.exit("site-packages" not in f)')
+        (cd build/wheel-run && "$wpy" -m ep_ds_shim doctor)
+        (cd build/wheel-run && "$wpy" -m torch.distributed.run --nproc_per_node 2 --master_addr 127.0.0.1 \
+            --master_port "${MASTER_PORT:-29511}" -m ep_ds_shim verify --model-type qwen3_moe)
+        (cd build/wheel-run && "$wpy" -m torch.distributed.run --nproc_per_node 2 --master_addr 127.0.0.1 \
+            --master_port "${MASTER_PORT:-29511}" quickstart.py)
+        "${wc[@]}" "pytest>=8"
         (cd build && venvs/wheel-check/bin/python -m pytest -q -p no:cacheprovider --import-mode=importlib \
             --rootdir "$ROOT" "$ROOT/tests/unit" "$@") ;;
     bench)

@@ -16,9 +16,9 @@ from importlib import metadata
 from .releases import support, support_table
 from .version import __version__
 
-# What the shim needs at run time, in the order a broken one explains the rest.
-DEPENDENCIES = ("torch", "wrapt", "transformers", "deepspeed")
-OPTIONAL = ("accelerate",)
+# What the documented paths need at run time, in the order a broken one explains the rest (accelerate: transformers'
+# EP load needs it for its device map; every one of them is a requirement of the ep-ds-shim package).
+DEPENDENCIES = ("torch", "wrapt", "transformers", "deepspeed", "accelerate")
 
 
 def _version(distribution: str) -> str | None:
@@ -28,13 +28,17 @@ def _version(distribution: str) -> str | None:
         return None
 
 
+def _import_problem_text(error: BaseException) -> str:
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first_line}"[:300]
+
+
 def _import_problem(module: str) -> str | None:
     """None when `module` imports; else one line saying why not."""
     try:
         importlib.import_module(module)
     except Exception as error:  # noqa: BLE001 - any import failure is what the doctor reports
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        return f"{type(error).__name__}: {first_line}"[:300]
+        return _import_problem_text(error)
     return None
 
 
@@ -53,7 +57,7 @@ def _distributed_environment() -> dict:
 def diagnose() -> dict:
     """Everything the doctor reports, as data. Problems: (what is wrong, what to do), each once."""
     versions = {"python": platform.python_version(),
-                **{name: _version(name) for name in (*DEPENDENCIES, *OPTIONAL)}, "ep-ds-shim": __version__}
+                **{name: _version(name) for name in DEPENDENCIES}, "ep-ds-shim": __version__}
     report: dict = {
         "versions": versions,
         "verified_transformers": str(support.VERIFIED_TRANSFORMERS),
@@ -68,7 +72,7 @@ def diagnose() -> dict:
             problems.append({"problem": text, "what_to_do": todo})
 
     causes: dict[str, str] = {}  # a failure already reported -> the package it belongs to
-    for name in (*DEPENDENCIES, *OPTIONAL):
+    for name in DEPENDENCIES:
         failure = _import_problem(name)
         if failure in causes:  # e.g. DeepSpeed fails only because torch does: say it once, at its cause
             report["imports"][name] = f"fails because {causes[failure]} does not import"
@@ -76,20 +80,22 @@ def diagnose() -> dict:
         report["imports"][name] = failure or "ok"
         if failure:
             causes[failure] = name
-        if failure and name in DEPENDENCIES:
+        if failure:
             installed = versions.get(name)
             problem(f"{name} {'is not installed' if installed is None else installed + ' does not import'}: {failure}",
-                    f"install a working {name} (see the README's requirements), then run the doctor again")
+                    f"pip install '{_declared(name)}' (ep-ds-shim requires it), then run the doctor again")
     broken = {name for name in DEPENDENCIES if report["imports"][name] != "ok"}
 
     transformers_version = versions["transformers"]
+    release_problem = None
     if transformers_version:
         try:
             support.check_transformers(transformers_version)
             report["transformers_supported"] = True
         except Exception as error:  # noqa: BLE001 - UnsupportedReleaseError, reported as data
             report["transformers_supported"] = False
-            problem(str(error).split(". ")[0] + ".", _release_advice(transformers_version))
+            release_problem = str(error).split(". ")[0] + "."
+            problem(release_problem, _release_advice(transformers_version))
         report["training_refused"] = support.training_defect(transformers_version)
         try:
             report["matrix"] = support_table.row_for(transformers_version)
@@ -97,7 +103,15 @@ def diagnose() -> dict:
             report["matrix"] = None
             problem(str(error), "reinstall ep-ds-shim")
     if not broken & {"torch", "wrapt", "transformers"}:
-        _shape_checks(report, transformers_version, problem)
+        try:
+            _shape_checks(report, transformers_version, problem)
+        except Exception as error:  # noqa: BLE001 - e.g. transformers' DeepSpeed integration needs a broken accelerate
+            problem(f"the shape checks could not run: {_import_problem_text(error)}",
+                    "fix the import reported above, then run the doctor again")
+        if report.get("transformers_supported") is False and not all(c["ok"] for c in report.get("checks", [])):
+            for item in problems:
+                if item["problem"] == release_problem:
+                    item["what_to_do"] = _release_advice(transformers_version, drifted=True)
     if "deepspeed" not in broken:
         try:
             support.check_deepspeed(versions["deepspeed"])
@@ -110,12 +124,27 @@ def diagnose() -> dict:
     return report
 
 
-def _release_advice(version: str) -> str:
+def _declared(name: str) -> str:
+    """ep-ds-shim's own requirement on `name` as the installed package declares it (else the bare name)."""
+    from packaging.requirements import Requirement
+
+    for text in (metadata.requires("ep-ds-shim") if _version("ep-ds-shim") else None) or []:
+        requirement = Requirement(text)
+        if requirement.name.lower() == name and not requirement.marker:
+            return str(requirement)
+    return name
+
+
+def _release_advice(version: str, drifted: bool = False) -> str:
+    pin = f"pip install 'transformers{support.VERIFIED_TRANSFORMERS}'"
     if support.refusal_for(version):
-        return f"install a supported release: pip install 'transformers{support.VERIFIED_TRANSFORMERS}'"
+        return f"install a supported release: {pin}"
+    if drifted:  # the opt-in would be refused at the shape checks below: only pinning works
+        return (f"this release changed code the shim patches (the DRIFT lines below), so no opt-in can work: pin a "
+                f"verified release: {pin}")
     return (f"check this release on your machines with `torchrun --nproc_per_node 2 -m ep_ds_shim verify`; if it "
             f"passes, opt in with {support.ALLOW_UNVERIFIED_ENV}=1 or ep_zero3_compat(allow_unverified=True); or "
-            f"pin a verified release: pip install 'transformers{support.VERIFIED_TRANSFORMERS}'")
+            f"pin a verified release: {pin}")
 
 
 def _shape_checks(report: dict, version: str, problem) -> None:

@@ -101,7 +101,8 @@ def refusal_for(version: str) -> str | None:
 def support_hint() -> str:
     beyond = first_unverified()
     return (
-        f"Supported transformers releases: {VERIFIED_TRANSFORMERS} (see docs/support-matrix.md). "
+        f"Supported transformers releases: {VERIFIED_TRANSFORMERS} (`python -m ep_ds_shim doctor` shows what was "
+        "verified). "
         f"Install one of them, e.g. `pip install 'transformers>={beyond.major}.{beyond.minor - 1},<{beyond}'`."
     )
 
