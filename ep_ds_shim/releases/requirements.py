@@ -45,7 +45,7 @@ SWITCHES = {
                    "default)",
         when_on="hub kernels are on: transformers kernelizes every model it loads and again on train(); not "
                 "measured by ep-ds-shim (its matrix runs with USE_HUB_KERNELS=0: no kernels>=0.19.1 on its package "
-                "index); nothing is refused for it (docs/support-matrix.md, \"Hub kernels\")",
+                "index); nothing is refused for it (docs/design.md, \"Hub kernels\")",
     ),
 }
 
@@ -79,7 +79,7 @@ class Unmet:
             return todo
         return (f"{todo}; where the package index has no such release, set {self.switch.variable}="
                 f"{self.switch.off} instead (transformers then runs without {self.requirement.name}; that is how "
-                "ep-ds-shim verified this release, see docs/support-matrix.md)")
+                "ep-ds-shim verified this release: docs/support-matrix.md)")
 
 
 def _applicable(distribution: str) -> tuple[str, list[Requirement]] | None:
