@@ -148,8 +148,8 @@ case "${1:-}" in
         rm -f build/matrix/*.json
         matrix_rows "$1"                        # newer than the range: with the opt-in, as the canary
         py tools/matrix.py verdict "$1"         # a failing column stops here: nothing is moved
-        py tools/matrix.py render
         py tools/releases.py add "$1"           # the declaration and pyproject.toml
+        py tools/matrix.py render               # after the move: the table states the range it was rendered for
         CI_RELEASE="$(python3 tools/releases.py ci-release)"
         setup                                   # .venv moves to the new CI release
         py -m pytest -q tests/unit/releases tests/unit/patching tests/unit/test_doctor.py

@@ -34,3 +34,24 @@ def test_architecture_names_every_module():
     missing = [str(path.relative_to(package)) for path in package.rglob("*.py")
                if path.name != "__init__.py" and not re.search(rf"\b{re.escape(path.name)}", tree)]
     assert not missing, f"README Architecture does not mention: {missing}"
+
+
+def test_release_facts_follow_the_declaration():
+    """Where the README states the verified transformers range, it is the one ep_ds_shim/releases/verified.py
+    declares (after `./run.sh add-release`, these are the lines to edit)."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    from ep_ds_shim.releases.support import VERIFIED_TRANSFORMERS
+    from ep_ds_shim.releases.verified import MATRIX_RELEASES
+
+    first, last = Version(MATRIX_RELEASES[0]), Version(MATRIX_RELEASES[-1])
+    span = f"{first.major}.{first.minor}-{last.major}.{last.minor}"
+    stated = re.findall(r"\b(\d+\.\d+-\d+\.\d+) verified\b", README)
+    assert stated and set(stated) == {span}, f"README states {stated}, the declaration {span} verified"
+    rows = re.findall(r"^\| [\d.]+ – (\d+\.\d+) \| verified", section("Supported releases"), re.MULTILINE)
+    assert max(map(Version, rows)) == Version(f"{last.major}.{last.minor}"), (
+        f"the Supported releases table's newest verified row ends at {max(rows, key=Version)}, the declaration at "
+        f"{last.major}.{last.minor}")
+    doctor_sample = re.search(r"verified: transformers (\S+), deepspeed", section("Doctor"))
+    assert SpecifierSet(doctor_sample.group(1)) == VERIFIED_TRANSFORMERS, doctor_sample.group(0)
