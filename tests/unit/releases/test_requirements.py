@@ -23,7 +23,7 @@ def stand_in(tmp_path, monkeypatch):
     def make(*requires: str, version: str = "9.0.0") -> str:
         info = tmp_path / f"{STAND_IN.replace('-', '_')}-{version}.dist-info"
         info.mkdir()
-        lines = [f"Metadata-Version: 2.1", f"Name: {STAND_IN}", f"Version: {version}",
+        lines = ["Metadata-Version: 2.1", f"Name: {STAND_IN}", f"Version: {version}",
                  *(f"Requires-Dist: {r}" for r in requires)]
         (info / "METADATA").write_text("\n".join(lines) + "\n")
         monkeypatch.syspath_prepend(str(tmp_path))
