@@ -1,8 +1,9 @@
 """`python -m ep_ds_shim doctor [--json]`: what the shim would do on this machine, and why.
 
-It imports what it reports (a version read from metadata says nothing about whether the package works), runs
-every shape check even on a release the shim would refuse, and says each problem once, with what to do.
-Exit status 0 when the shim would work here, 1 when something would make it refuse.
+It imports what it reports (a version read from metadata says nothing about whether the package works), checks
+transformers' own requirements (an import does not show them unmet: `releases/requirements.py`), runs every shape
+check even on a release the shim would refuse, and says each problem once, with what to do.
+Exit status 0 when the shim would work here, 1 when something would make it refuse or make transformers fail.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import platform
 import sys
 from importlib import metadata
 
-from .releases import support, support_table
+from .releases import requirements, support, support_table
 from .version import __version__
 
 # What the documented paths need at run time, in the order a broken one explains the rest (accelerate: transformers'
@@ -85,6 +86,7 @@ def diagnose() -> dict:
             problem(f"{name} {'is not installed' if installed is None else installed + ' does not import'}: {failure}",
                     f"pip install '{_declared(name)}' (ep-ds-shim requires it), then run the doctor again")
     broken = {name for name in DEPENDENCIES if report["imports"][name] != "ok"}
+    _requirements(report, problem)
 
     transformers_version = versions["transformers"]
     release_problem = None
@@ -122,6 +124,21 @@ def diagnose() -> dict:
     report["distributed"] = _distributed_environment()
     report["ok"] = not problems
     return report
+
+
+def _requirements(report: dict, problem) -> None:
+    """transformers' own requirements: an import does not show them unmet (transformers 5.25 without kernels>=0.19.1
+    imports, then fails every from_pretrained unless USE_HUB_KERNELS switches hub kernels off)."""
+    report["requirements_unmet"] = []
+    for unmet in requirements.unmet_requirements("transformers"):
+        switch = unmet.switch
+        report["requirements_unmet"].append({
+            "requirement": str(unmet.requirement), "found": unmet.found,
+            "switch": f"{switch.variable}={switch.off}" if switch else None, "switched_off": unmet.switched_off,
+        })
+        if not unmet.switched_off:
+            problem(unmet.describe(), unmet.advice())
+    report["unmeasured"] = requirements.features_on("transformers")
 
 
 def _declared(name: str) -> str:
@@ -201,7 +218,14 @@ def print_human(report: dict) -> None:
     out("ep-ds-shim doctor\n")
     out("  versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in report["versions"].items()) + "\n")
     broken = {name: status for name, status in report["imports"].items() if status != "ok"}
-    out("  imports: " + ("all ok" if not broken else "; ".join(f"{k}: {v}" for k, v in broken.items())) + "\n")
+    unmet = report.get("requirements_unmet", [])
+    imports = "; ".join(f"{k}: {v}" for k, v in broken.items()) if broken else "all import"
+    out("  imports: " + (imports if broken or unmet else "all ok") + "\n")
+    for item in unmet:
+        found = f"{item['found']} installed" if item["found"] else "not installed"
+        state = (f"; {item['switch']} is set, so transformers runs without it" if item["switched_off"] else
+                 f"; NOT switched off ({item['switch']} would)" if item["switch"] else "")
+        out(f"  transformers requirement UNMET: {item['requirement']} ({found}){state}\n")
     out(f"  verified: transformers {report['verified_transformers']}, deepspeed {report['verified_deepspeed']}\n")
     if "transformers_supported" in report:
         out(f"  transformers release verified: {'yes' if report['transformers_supported'] else 'NO'}\n")
@@ -233,9 +257,12 @@ def print_human(report: dict) -> None:
     dist = report["distributed"]
     out(f"  torch.distributed initialised: {dist['process_group_initialised']}; environment: {dist['environment'] or '{}'}\n")
     if report["problems"]:
-        out("  the shim would refuse:\n")
+        out("  problems (the shim would refuse, or transformers would fail):\n")
         for item in report["problems"]:
             out("    - " + item["problem"].replace("\n", "\n      ") + "\n")
             out("      what to do: " + item["what_to_do"] + "\n")
     else:
-        out("  result: OK\n")
+        switched = [f"{item['switch']} (no {item['requirement']})" for item in unmet]
+        out("  result: OK" + (f", with {', '.join(switched)}" if switched else "") + "\n")
+    for note in report.get("unmeasured", []):
+        out(f"  note: {note}\n")

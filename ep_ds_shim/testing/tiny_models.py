@@ -75,6 +75,9 @@ _FAMILY_OVERRIDES: dict[str, dict] = {
                                   "indexer_budget": 4, "indexer_compress_ratio": 2}},
     "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 32, "indexer_budget": 4,
                        "indexer_compress_ratio": 2},
+    # (5.25) The indexer scores keys with the first index_num_heads query heads of key head 0 (default 12); the
+    # config validator requires at most num_attention_heads // num_key_value_heads, which the tiny sizes make small.
+    "kolibri1_1": {"index_num_heads": 1},
 }
 
 

@@ -71,3 +71,16 @@ def test_architecture_names_every_module():
     missing = [str(path.relative_to(package)) for path in package.rglob("*.py")
                if path.name != "__init__.py" and not re.search(rf"\b{re.escape(path.name)}", tree)]
     assert not missing, f"docs/architecture.md does not mention: {missing}"
+
+
+def test_release_facts_follow_the_declaration():
+    """The newest verified row of the README's release table ends at the newest release
+    ep_ds_shim/releases/verified.py declares (after `./run.sh add-release`, it is the line to edit)."""
+    from packaging.version import Version
+
+    from ep_ds_shim.releases.verified import MATRIX_RELEASES
+
+    last = Version(MATRIX_RELEASES[-1])
+    rows = re.findall(r"^\| [\d.]+ – (\d+\.\d+) \| verified", section(README, "Supported releases"), re.MULTILINE)
+    assert rows and max(map(Version, rows)) == Version(f"{last.major}.{last.minor}"), (
+        f"the README's newest verified row ends at {rows}, the declaration at {last.major}.{last.minor}")
