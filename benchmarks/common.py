@@ -117,11 +117,11 @@ def available_mb() -> float | None:
     return None
 
 
-# Peak RSS of a training rank over the bytes it must hold (dense + its experts), as measured at 1.5 GB on 0.2.0 and
-# AutoEP (8.6-8.9 GB per rank for 818 MB: parameters, gradients, Adam's two moments, the gathered layers and
-# allocator slack), plus a process's fixed cost (torch, transformers, DeepSpeed): rounded up.
-TRAINING_RSS_PER_HELD_BYTE = 11.0
-PROCESS_BASE_MB = 700.0
+# Peak RSS of a training rank: a process's fixed cost (torch, transformers, DeepSpeed: ~0.5 GB measured at 13 MB) plus
+# a multiple of the bytes it must hold (dense + its experts: ~9.9x at 1.5 GB on 0.2.0 and AutoEP, 8.6-8.9 GB per
+# rank for 818 MB: parameters, fp32 master, gradients, Adam's two moments, gathered layers, allocator slack).
+TRAINING_RSS_PER_HELD_BYTE = 10.0
+PROCESS_BASE_MB = 600.0
 
 
 def training_memory_mb(checkpoint_bytes: dict, ranks: int) -> float:

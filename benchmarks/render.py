@@ -64,6 +64,8 @@ def round_verdict(ratio: dict, target: float = 1.0) -> str:
 
 
 def side_metrics(reports: list[dict], reference: list[float]) -> dict:
+    if reports == []:  # the job was not started (run.py: not enough free memory)
+        return {"ok": False, "error": "not run: not enough free memory", "where": "run.py"}
     if not reports or any(r.get("status") == "fails" for r in reports) or any("steps" not in r for r in reports):
         failed = next((r for r in reports if r.get("status") == "fails"), {})
         return {"ok": False, "error": failed.get("error", "no report"), "where": failed.get("error_where")}
@@ -651,34 +653,38 @@ def profile_lines(section: dict) -> list[str]:
 
 # --- where a training step's time goes (BENCH_PROFILE_STEPS dumps) ------------------------------------------------
 
-# (category, file suffix or None for builtins, function names): cumulative time of the first matching entry kind.
+# (category, [(file suffix, or None for a builtin, function names), ...]): cumulative seconds of the matching entries.
+C10D = "torch/distributed/distributed_c10d.py"
+ENGINE = "deepspeed/runtime/engine.py"
 STEP_CATEGORIES = [
-    ("forward (engine)", "deepspeed/runtime/engine.py", ("forward",)),
-    ("backward (engine)", "deepspeed/runtime/engine.py", ("backward",)),
-    ("optimizer step (engine.step: ZeRO-3 reductions, clipping, Adam)", "deepspeed/runtime/engine.py", ("step",)),
-    ("  Adam (torch.optim)", "torch/optim/adam.py", ("adam",)),
-    ("  gradient norm (ZeRO-3)", "deepspeed/runtime/zero/stage3.py", ("get_grad_norm_direct", "_get_norm_groups",
-                                                                      "scaled_global_norm")),
-    ("all_to_all (token dispatch)", "torch/distributed/distributed_c10d.py", ("all_to_all_single", "all_to_all")),
-    ("all_gather (ZeRO-3 parameter gathers)", "torch/distributed/distributed_c10d.py",
-     ("all_gather_into_tensor", "all_gather", "_all_gather_base", "allgather_coalesced", "all_gather_coalesced")),
-    ("reduce_scatter (ZeRO-3 gradients)", "torch/distributed/distributed_c10d.py",
-     ("reduce_scatter_tensor", "reduce_scatter", "_reduce_scatter_base", "reduce_scatter_coalesced")),
-    ("all_reduce", "torch/distributed/distributed_c10d.py", ("all_reduce", "all_reduce_coalesced")),
-    ("host reads of tensors (.item / .tolist / .cpu)", None,
-     ("<method 'item' of 'torch._C.TensorBase' objects>", "<method 'tolist' of 'torch._C.TensorBase' objects>",
-      "<method 'cpu' of 'torch._C.TensorBase' objects>")),
+    ("forward (engine)", [(ENGINE, ("forward",))]),
+    ("backward (engine)", [(ENGINE, ("backward",))]),
+    ("optimizer step (engine.step: ZeRO-3 gradient reductions, clipping, Adam)", [(ENGINE, ("step",))]),
+    ("  Adam (torch.optim)", [("torch/optim/adam.py", ("adam",))]),
+    ("  gradient norm (ZeRO-3)", [("deepspeed/runtime/zero/stage3.py", ("get_grad_norm_direct",))]),
+    ("token all-to-all (c10d calls, functional collectives and their waits)", [
+        (C10D, ("all_to_all_single", "all_to_all")),
+        (None, ("<built-in method torch._ops._c10d_functional.all_to_all_single>",
+                "<built-in method torch._ops._c10d_functional.wait_tensor>"))]),
+    ("ZeRO-3 parameter all-gathers", [(C10D, ("all_gather_into_tensor", "all_gather", "_all_gather_base"))]),
+    ("ZeRO-3 gradient reduce-scatters", [(C10D, ("reduce_scatter_tensor", "reduce_scatter", "_reduce_scatter_base"))]),
+    ("all_reduce (losses, norms)", [(C10D, ("all_reduce",))]),
+    ("c10d Work.wait (inside the synchronous c10d collectives above, and ZeRO-3's prefetches)",
+     [(None, ("<built-in method torch._C._distributed_c10d.wait>",))]),
+    ("host reads of tensors (.item / .tolist / .cpu)", [
+        (None, ("<method 'item' of 'torch._C.TensorBase' objects>", "<method 'tolist' of 'torch._C.TensorBase' objects>",
+                "<method 'cpu' of 'torch._C.TensorBase' objects>"))]),
 ]
 
 
 def step_profile(stats: dict, steps: int) -> list[dict]:
     """Per training step: seconds and calls of each STEP_CATEGORIES entry in a cProfile `pstats.Stats(...).stats`
-    dict of `steps` profiled steps (categories of several functions sum them; collectives do not nest)."""
+    dict of `steps` profiled steps (a category of several functions sums them; the collectives do not nest)."""
     out = []
-    for label, suffix, names in STEP_CATEGORIES:
+    for label, matchers in STEP_CATEGORIES:
         seconds = calls = 0
         for (file, _line, func), (_cc, nc, _tt, ct, _callers) in stats.items():
-            if func in names and (file.endswith(suffix) if suffix else file == "~"):
+            if any(func in names and (file.endswith(suffix) if suffix else file == "~") for suffix, names in matchers):
                 seconds += ct
                 calls += nc
         out.append({"what": label, "s": seconds / steps, "calls": calls / steps})
@@ -707,7 +713,7 @@ def step_profile_lines(section: dict) -> list[str]:
              f"{first['ranks']} ranks, {first['steps']} steps profiled after 2 unprofiled ones, one job per side; "
              "seconds per step (calls per step). Collectives on gloo/CPU include waiting for the other rank.", "",
              "| where | " + " | ".join(SHARD_NAMES[s_] for s_ in columns) + " |", "|---|" + "---|" * len(columns)]
-    for label, _suffix, _names in STEP_CATEGORIES:
+    for label, _matchers in STEP_CATEGORIES:
         cells = [columns[s_][label] for s_ in columns]
         if not any(c["calls"] for c in cells):
             continue

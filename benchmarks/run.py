@@ -231,6 +231,10 @@ print(json.dumps(dict(enter_exit_install_us=enter_exit_cold * 1e6, enter_exit_in
                 order = sides if index % 2 == 0 else sides[::-1]
                 round_ = {"order": list(order)}
                 for side in order:
+                    if not self.wait_for_memory(common.training_memory_mb(run["bytes"], 2),
+                                                f"compare-{size}-r{index}-{side}"):
+                        round_[side] = []
+                        continue
                     if side == "shim":
                         _, round_["shim"] = self.job(f"compare-{size}-r{index}-shim", autoep_python, "bench_worker.py",
                                                      ["train", path, "{json}", "--steps", steps], 2, autoep_env=True)

@@ -166,7 +166,9 @@ def test_shard_table_names_a_side_that_was_skipped_for_memory():
 def test_step_profile_sums_each_category_per_step():
     c10d = "/x/site-packages/torch/distributed/distributed_c10d.py"
     stats = {
-        (c10d, 10, "all_to_all_single"): (8, 8, 0.1, 0.8, {}),
+        (c10d, 10, "all_to_all_single"): (2, 2, 0.1, 0.2, {}),
+        ("~", 0, "<built-in method torch._ops._c10d_functional.all_to_all_single>"): (8, 8, 0.1, 0.2, {}),
+        ("~", 0, "<built-in method torch._ops._c10d_functional.wait_tensor>"): (8, 8, 0.4, 0.4, {}),
         (c10d, 20, "all_gather_into_tensor"): (4, 4, 0.1, 0.4, {}),
         (c10d, 30, "_all_gather_base"): (2, 2, 0.0, 0.2, {}),
         ("/x/site-packages/deepspeed/comm/torch.py", 40, "all_to_all_single"): (8, 8, 0.0, 0.9, {}),  # a wrapper
@@ -174,8 +176,9 @@ def test_step_profile_sums_each_category_per_step():
         ("/x/site-packages/deepspeed/runtime/engine.py", 50, "step"): (2, 2, 0.0, 3.0, {}),
     }
     rows = {e["what"]: e for e in render.step_profile(stats, steps=2)}
-    assert rows["all_to_all (token dispatch)"] == {"what": "all_to_all (token dispatch)", "s": 0.4, "calls": 4}
-    assert rows["all_gather (ZeRO-3 parameter gathers)"]["s"] == pytest.approx(0.3)
+    dispatch = rows["token all-to-all (c10d calls, functional collectives and their waits)"]
+    assert dispatch["s"] == pytest.approx(0.4) and dispatch["calls"] == 9
+    assert rows["ZeRO-3 parameter all-gathers"]["s"] == pytest.approx(0.3)
     assert rows["host reads of tensors (.item / .tolist / .cpu)"]["calls"] == 3
-    assert rows["optimizer step (engine.step: ZeRO-3 reductions, clipping, Adam)"]["s"] == 1.5
-    assert rows["all_reduce"] == {"what": "all_reduce", "s": 0.0, "calls": 0.0}
+    assert rows["optimizer step (engine.step: ZeRO-3 gradient reductions, clipping, Adam)"]["s"] == 1.5
+    assert rows["all_reduce (losses, norms)"] == {"what": "all_reduce (losses, norms)", "s": 0.0, "calls": 0.0}
