@@ -335,10 +335,13 @@ def timed_steps(engine, steps: int, vocab_size: int, barrier, *, rank: int, slic
 
 
 class StepProfile:
-    """`BENCH_PROFILE_STEPS=out.prof`: cProfile of rank 0's training steps from the third on (the steady state)."""
+    """`BENCH_PROFILE_STEPS=out.prof`: cProfile of rank 0's training steps from the third on (the steady state), in
+    wall seconds, or in this process's CPU seconds with `BENCH_PROFILE_CLOCK=cpu` (what each function costs, without
+    the waits for a core or for the other ranks that a shared machine adds to wall time)."""
 
     def __init__(self, rank: int, first: int = 2):
         self.path = os.environ.get("BENCH_PROFILE_STEPS") if rank == 0 else None
+        self.clock = time.process_time if os.environ.get("BENCH_PROFILE_CLOCK") == "cpu" else time.perf_counter
         self.first = first
         self.profiler = None
 
@@ -346,7 +349,7 @@ class StepProfile:
         if self.path and step == self.first:
             import cProfile
 
-            self.profiler = cProfile.Profile()
+            self.profiler = cProfile.Profile(self.clock)
             self.profiler.enable()
 
     def done(self) -> None:

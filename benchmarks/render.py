@@ -709,9 +709,14 @@ def step_profile_lines(section: dict) -> list[str]:
     if not columns:
         return []
     first = profiles[sides[0]]
-    lines = [f"Where a steady-state step goes: cProfile of rank 0 (`BENCH_PROFILE_STEPS`), {first['checkpoint']}, "
-             f"{first['ranks']} ranks, {first['steps']} steps profiled after 2 unprofiled ones, one job per side; "
-             "seconds per step (calls per step). Collectives on gloo/CPU include waiting for the other rank.", "",
+    clock = first.get("clock", "wall")
+    lines = [f"Where a steady-state step goes: cProfile of rank 0 (`BENCH_PROFILE_STEPS`, {clock} clock), "
+             f"{first['checkpoint']}, {first['ranks']} ranks, {first['steps']} steps profiled after 2 unprofiled ones, "
+             "one job per side; seconds per step (calls per step). "
+             + ("CPU seconds of the process (its gloo threads included): the work, without waiting for a core or "
+                "for the other rank." if clock == "cpu" else
+                "Wall seconds: collectives include waiting for the other rank.") + " Categories may nest (the "
+             "engine's forward, backward and step contain the rest).", "",
              "| where | " + " | ".join(SHARD_NAMES[s_] for s_ in columns) + " |", "|---|" + "---|" * len(columns)]
     for label, _matchers in STEP_CATEGORIES:
         cells = [columns[s_][label] for s_ in columns]

@@ -1,6 +1,6 @@
 """Benchmarks: ep-ds-shim against DeepSpeed AutoEP, at a realistic size, with targets the run decides itself.
 
-    ./run.sh bench             # = python benchmarks/run.py: the full run (< 15 minutes on an idle 2-core machine)
+    ./run.sh bench             # = python benchmarks/run.py: the full run (about 25 minutes on an idle 2-core machine)
     ./run.sh bench --quick     # small checkpoints only (a few minutes)
     python benchmarks/run.py --sections compare,ratio --max-minutes 20
 
@@ -79,7 +79,7 @@ PLANS = {
         "ratio_jobs": 3,
         # (checkpoint, ranks, steps, rounds): every side in every round, rounds alternating the order
         "shard": [("small-64", 2, 6, 2), ("small-64", 4, 3, 1)],
-        "minutes": 6.0,
+        "minutes": 10.0,
     },
     "full": {
         "compare": [("medium-64", 12, 3, "plain:split,plain"), ("mixtral-small-64", 6, 1, "plain:split"),
@@ -88,7 +88,7 @@ PLANS = {
         "ratio": "large-64",
         "ratio_jobs": 12,
         "shard": [("large-64", 2, 5, 2), ("medium-64", 4, 4, 1)],
-        "minutes": 14.0,
+        "minutes": 25.0,
     },
 }
 SECTIONS = ("overhead", "compare", "shard", "growth", "profile", "ratio")
@@ -311,14 +311,15 @@ print(json.dumps(dict(enter_exit_install_us=enter_exit_cold * 1e6, enter_exit_in
             job_name = f"shard-profile-steps-{name}"
             if not self.wait_for_memory(common.training_memory_mb(common.checkpoint_bytes(path), nproc), job_name):
                 continue
-            os.environ["BENCH_PROFILE_STEPS"] = str(prof)
+            os.environ.update(BENCH_PROFILE_STEPS=str(prof), BENCH_PROFILE_CLOCK=self.args.profile_clock)
             try:
                 self.shard_side(job_name, name, batch, path, nproc, steps, pythons)
             finally:
                 os.environ.pop("BENCH_PROFILE_STEPS", None)
+                os.environ.pop("BENCH_PROFILE_CLOCK", None)
             if prof.exists():
                 out[name] = {"file": str(prof.relative_to(REPO)), "checkpoint": path.name, "ranks": nproc,
-                             "steps": steps - 2}
+                             "steps": steps - 2, "clock": self.args.profile_clock}
         return out
 
     def shard_side(self, job_name, name, batch, path, nproc, steps, pythons):
@@ -445,7 +446,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small checkpoints only")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
-    parser.add_argument("--max-minutes", type=float, help="time budget of the whole run (default: 14 full, 6 quick)")
+    parser.add_argument("--max-minutes", type=float, help="time budget of the whole run (default: 25 full, 10 quick)")
     parser.add_argument("--precision", type=float, default=0.015,
                         help="stop adding load pairs once the median ratio's 95%% CI half-width is below this")
     parser.add_argument("--min-pairs", type=int, default=24)
@@ -459,6 +460,9 @@ def main(argv=None) -> int:
     parser.add_argument("--profile-steps", action="store_true",
                         help="shard section: profile the steady-state steps of the shim and AutoEP split even when "
                              "the shim is not slower (it does when it is)")
+    parser.add_argument("--profile-clock", choices=["cpu", "wall"], default="cpu",
+                        help="the step profile's clock: this process's CPU seconds (default: the work, without the "
+                             "waits a shared machine adds) or wall seconds (with the waits for the other rank)")
     parser.add_argument("--memory-wait", type=float, default=10.0,
                         help="minutes a large training job waits for enough free memory before it is skipped")
     parser.add_argument("--render-only", action="store_true", help="re-render build/bench/results.json")
