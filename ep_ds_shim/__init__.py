@@ -31,12 +31,13 @@ _PUBLIC = {
     "check_deepspeed_groups": "ep_ds_shim.training.guard",
     "verify_expert_integrity": "ep_ds_shim.training.guard",
     "save_pretrained": "ep_ds_shim.training.export",
+    "load_checkpoint": "ep_ds_shim.training.checkpoints",
     "EPTrainer": "ep_ds_shim.training.trainer",
     "EPTrainerMixin": "ep_ds_shim.training.trainer",
     **{name: "ep_ds_shim.errors" for name in (
         "EpShimError", "UnsupportedReleaseError", "TargetDriftError", "EPRequestError", "DeepSpeedGroupsError",
         "ExpertIntegrityError", "RestoreError", "ScopeError", "RankDisagreementError", "CollectiveTimeoutError",
-        "IncompleteSaveError", "CheckpointLayoutError",
+        "IncompleteSaveError", "CheckpointLayoutError", "CheckpointIntegrityError",
     )},
 }
 
@@ -58,6 +59,7 @@ def __dir__():
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names above are resolved lazily
     from .errors import (  # noqa: F401
+        CheckpointIntegrityError,
         CheckpointLayoutError,
         CollectiveTimeoutError,
         DeepSpeedGroupsError,
@@ -74,6 +76,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names above are
     from .loading.block import ep_zero3_compat  # noqa: F401
     from .releases.ep_request import ep_from_pretrained_kwargs  # noqa: F401
     from .releases.support import VERIFIED_DEEPSPEED, VERIFIED_TRANSFORMERS  # noqa: F401
+    from .training.checkpoints import load_checkpoint  # noqa: F401
     from .training.export import save_pretrained  # noqa: F401
     from .training.groups_scope import supply_deepspeed_groups  # noqa: F401
     from .training.guard import check_deepspeed_groups, verify_expert_integrity  # noqa: F401

@@ -48,4 +48,10 @@ class IncompleteSaveError(EpShimError):
 
 
 class CheckpointLayoutError(EpShimError):
-    """A DeepSpeed checkpoint was written with another DP x EP layout than the one resuming from it."""
+    """A DeepSpeed checkpoint cannot be resumed by this job: another model, another ZeRO stage, or an EP size that
+    does not divide its experts (another DP x EP layout is converted, not refused)."""
+
+
+class CheckpointIntegrityError(EpShimError):
+    """A DeepSpeed checkpoint is missing, incomplete or not what its record says, or a save did not complete on every
+    rank (nothing was put in place)."""

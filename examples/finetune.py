@@ -4,6 +4,8 @@ reload the export in a plain single process and compare it with a single-process
     python examples/finetune.py                          # 2 ranks (ep=2), fp32, 4 + 4 steps
     python examples/finetune.py --nproc 4 --ep-size 2    # dp=2 x ep=2
     python examples/finetune.py --bf16 --grad-accum 2    # DeepSpeed bf16 (compared with a single-process bf16 run)
+    python examples/finetune.py --resume-nproc 4         # checkpoint on 2 ranks, resume on 4 (dp=2 x ep=2)
+    python examples/finetune.py --resume-ep-size 1 --resume-nproc 1   # ... or on 1 rank
     ./run.sh finetune                                    # the same as the first line
 
 With no --model-dir it builds a tiny random MoE checkpoint under build/examples (no hub access). The driver runs
@@ -43,6 +45,12 @@ def parse_args(argv=None):
     parser.add_argument("--phase", choices=("train", "resume", "full"), help="run one distributed phase (under torchrun)")
     parser.add_argument("--skip-resume", action="store_true", help="driver: only the uninterrupted run and its export")
     parser.add_argument("--resume-at", type=int, default=STEPS_BEFORE, help="driver: the step the checkpoint is taken at")
+    parser.add_argument("--resume-nproc", type=int, default=None,
+                        help="driver: ranks of the job that resumes (default: --nproc); another layout is converted")
+    parser.add_argument("--resume-ep-size", type=int, default=None,
+                        help="driver: expert-parallel size of the job that resumes (default: --ep-size)")
+    parser.add_argument("--load-module-only", action="store_true",
+                        help="resume phase: load the weights only (no optimizer state, step or schedule)")
     parser.add_argument("--no-ep", action="store_true", help="a plain single-process DeepSpeed run (the bf16 reference)")
     parser.add_argument("--data-replicas", type=int, default=1,
                         help="with --no-ep: train on the batches of this many ranks together")
@@ -116,8 +124,9 @@ def run_phase(args) -> int:
     else:
         engine, *_ = ep_ds_shim.initialize(model=model, layout=layout, optimizer=optimizer, config=config,
                                             lr_scheduler=lr_scheduler)
-    if args.phase == "resume":
-        engine.load_checkpoint(args.checkpoint_dir)
+    if args.phase == "resume":  # one call on every rank, in any layout (another one is converted on the fly)
+        ep_ds_shim.load_checkpoint(engine, args.checkpoint_dir, load_module_only=args.load_module_only) \
+            if layout is not None else engine.load_checkpoint(args.checkpoint_dir)
     steps = args.steps or (args.total_steps if args.phase == "full" else args.resume_at)
     losses, grad_norms = [], []
     for step in range(args.start_step, args.start_step + steps):
@@ -196,6 +205,8 @@ def main(argv=None) -> int:
                                                         args.model_type, num_experts=8))
     os.makedirs(args.work_dir, exist_ok=True)
     work = tempfile.mkdtemp(dir=args.work_dir)
+    if (args.resume_nproc or args.nproc) != args.nproc or args.resume_ep_size not in (None, args.ep_size):
+        return another_layout(args, path, work)
     ref_norms = None
     if args.bf16:
         print("reference: the same run in a single process (DeepSpeed bf16, no EP)")
@@ -241,9 +252,11 @@ def main(argv=None) -> int:
     return 0 if ok else 1
 
 
-def phases(args, path: str, work: str, *, nproc: int, extra=(), full_only: bool = False) -> dict:
-    """Run the distributed phases with torchrun: train + checkpoint, resume + export, and (for comparison) the same
-    steps uninterrupted. Returns the losses per step and where the export is."""
+def phases(args, path: str, work: str, *, nproc: int, extra=(), full_only: bool = False, resume_nproc=None,
+           resume_extra=(), skip_full: bool = False) -> dict:
+    """Run the distributed phases with torchrun: train + checkpoint, resume + export (on `resume_nproc` ranks with
+    `resume_extra` arguments: another layout), and (for comparison, unless `skip_full`) the same steps uninterrupted.
+    Returns the losses per step and where the export is."""
     from ep_ds_shim.testing import run_job, torchrun
 
     common = [__file__, "--model-dir", path, "--stage", str(args.stage), "--grad-accum", str(args.grad_accum),
@@ -252,32 +265,78 @@ def phases(args, path: str, work: str, *, nproc: int, extra=(), full_only: bool 
               *(["--offload-optimizer"] if args.offload_optimizer else []),
               *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
 
-    def launch(*phase_args):
-        result = run_job(torchrun(nproc, *common, *phase_args), nproc=nproc, timeout=1800)
-        if not result.ok or len(result.reports) != nproc:
+    def launch(*phase_args, ranks=nproc):
+        result = run_job(torchrun(ranks, *common, *phase_args), nproc=ranks, timeout=1800)
+        if not result.ok or len(result.reports) != ranks:
             raise SystemExit(f"phase {phase_args[:2]} failed:\n{result.output[-6000:]}")
         return result.reports
 
-    out = {}
-    full_export = os.path.join(work, "export-uninterrupted")
-    full = launch("--phase", "full", "--export-dir", full_export)
-    out["full_losses"] = mean_losses(full)
-    out["full_grad_norms"] = full[0]["grad_norms"]  # the same global norm on every rank
-    out["train_batch_size"] = full[0]["train_batch_size"]
-    out["export"] = full_export
-    out["export_vs_trained"] = max(report.get("export_vs_trained", 0.0) for report in full)
+    out = {"export_vs_trained": 0.0}
+    if not skip_full:
+        full_export = os.path.join(work, "export-uninterrupted")
+        full = launch("--phase", "full", "--export-dir", full_export)
+        out["full_losses"] = mean_losses(full)
+        out["full_grad_norms"] = full[0]["grad_norms"]  # the same global norm on every rank
+        out["train_batch_size"] = full[0]["train_batch_size"]
+        out["export"] = full_export
+        out["export_vs_trained"] = max(report.get("export_vs_trained", 0.0) for report in full)
     if full_only:
         return out
     checkpoint = os.path.join(work, "checkpoint")
     first = launch("--phase", "train", "--checkpoint-dir", checkpoint, "--resume-at", str(args.resume_at))
     export = os.path.join(work, "export")
     second = launch("--phase", "resume", "--checkpoint-dir", checkpoint, "--start-step", str(args.resume_at),
-                    "--steps", str(args.total_steps - args.resume_at), "--export-dir", export)
+                    "--steps", str(args.total_steps - args.resume_at), "--export-dir", export, *resume_extra,
+                    ranks=resume_nproc or nproc)
     out["resumed_losses"] = mean_losses(first) + mean_losses(second)
+    out["checkpoint"] = checkpoint
     out["export"] = export
-    out["export_vs_trained"] = max(out["export_vs_trained"], *(report["export_vs_trained"] for report in second))
+    out["export_vs_trained"] = max(out["export_vs_trained"], *(report.get("export_vs_trained", 0.0) for report in second))
     return out
 
+
+def another_layout(args, path: str, work: str) -> int:
+    """The driver when the job that resumes has another layout: checkpoint at step --resume-at on --nproc ranks,
+    resume on --resume-nproc ranks (--resume-ep-size), compared with a single process that trains on every rank's
+    batches of each step (the first steps' ranks, then the resuming job's)."""
+    from transformers import AutoModelForCausalLM
+
+    from ep_ds_shim.testing import oracle
+
+    after = args.resume_nproc or args.nproc
+    resume_extra = ["--ep-size", str(args.resume_ep_size)] if args.resume_ep_size else []
+    if args.bf16:  # a single-process DeepSpeed bf16 run that resumes with the new job's batches
+        print("reference: the same run in a single process (DeepSpeed bf16, no EP), resumed with the new ranks' batches")
+        reference = phases(args, path, os.path.join(work, "reference"), nproc=1, skip_full=True,
+                           extra=["--no-ep", "--data-replicas", str(args.nproc)],
+                           resume_extra=["--data-replicas", str(after)])
+        ref_losses = reference["resumed_losses"]
+        ref_params = dict(AutoModelForCausalLM.from_pretrained(reference["export"], dtype=torch.float32).named_parameters())
+        loss_tolerance, param_tolerance = oracle.BF16_LOSS_TOLERANCE, oracle.BF16_PARAM_TOLERANCE
+    else:
+        print("reference: the same steps in a single process (fp32), on every rank's batches of each step")
+        worlds = [args.nproc] * args.resume_at + [after] * (args.total_steps - args.resume_at)
+        ref = oracle.reference_run(path, steps=args.total_steps, grad_accum=args.grad_accum, world=worlds)
+        ref_losses, ref_params = ref["losses"], ref["params"]
+        loss_tolerance, param_tolerance = 1e-5, 1e-5
+    run = phases(args, path, work, nproc=args.nproc, skip_full=True, resume_nproc=after, resume_extra=resume_extra)
+    resumed = run["resumed_losses"]
+    print(f"{'step':>4} {'reference':>12} {'resumed':>12}   (checkpoint at step {args.resume_at}: {args.nproc} ranks "
+          f"ep={args.ep_size or args.nproc} -> {after} ranks ep={args.resume_ep_size or args.ep_size or after})")
+    for step, want in enumerate(ref_losses):
+        print(f"{step:>4} {want:>12.6f} {resumed[step]:>12.6f}")
+    gap = max(abs(a - b) for a, b in zip(resumed, ref_losses))
+    exported = compare_export(run["export"], ref_params)
+    ok = (len(resumed) == len(ref_losses) and gap <= loss_tolerance and exported["max_param_diff"] <= param_tolerance
+          and not exported["loading_problems"] and run["export_vs_trained"] <= 1e-6)
+    print(f"resumed on the new layout vs reference: max |dloss| {gap:.2e} (tolerance {loss_tolerance:g}); export "
+          f"max |dparam| {exported['max_param_diff']:.2e} (tolerance {param_tolerance:g}) -> {'MATCH' if ok else 'MISMATCH'}")
+    if args.json:
+        with open(args.json.format(rank=0), "w") as handle:
+            json.dump({"reference": ref_losses, "resumed_losses": resumed, "resume_max_diff": gap, "export": exported,
+                       "export_vs_trained": run["export_vs_trained"], "export_dir": run["export"],
+                       "checkpoint": run["checkpoint"], "ok": ok}, handle, indent=1)
+    return 0 if ok else 1
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -165,13 +165,14 @@ def run_batch(step: int, micro: int, rank: int, *, grad_accum: int, world: int, 
                      seed=4321)
 
 
-def reference_run(path, *, steps: int, grad_accum: int, world: int, clip: float = 1.0, optimizer=OPTIMIZER,
+def reference_run(path, *, steps: int, grad_accum: int, world, clip: float = 1.0, optimizer=OPTIMIZER,
                   vocab_size: int = 128) -> dict:
     """`steps` optimizer steps of a single-process fp32 model, doing what DeepSpeed does over `world` ranks with
     gradient accumulation: per micro-step every rank's batch together (their mean loss, equal token counts),
-    scaled by 1/grad_accum; then clipping, AdamW and the schedule. Returns the loss of every step (mean over its
-    micro-steps and ranks), the global gradient norm of every step (before clipping) and the parameters after the
-    last one."""
+    scaled by 1/grad_accum; then clipping, AdamW and the schedule. `world` may also list the ranks of every step (a
+    run resumed on another layout). Returns the loss of every step (mean over its micro-steps and ranks), the global
+    gradient norm of every step (before clipping) and the parameters after the last one."""
+    worlds = [world] * steps if isinstance(world, int) else [int(ranks) for ranks in world]
     if is_deepspeed_zero3_enabled():
         raise RuntimeError("compute the reference before ZeRO-3 is signalled (HfDeepSpeedConfig alive)")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -182,8 +183,8 @@ def reference_run(path, *, steps: int, grad_accum: int, world: int, clip: float 
     for step in range(steps):
         step_loss = 0.0
         for micro in range(grad_accum):
-            batch = torch.cat([run_batch(step, micro, r, grad_accum=grad_accum, world=world, vocab_size=vocab_size)
-                               for r in range(world)])
+            batch = torch.cat([run_batch(step, micro, r, grad_accum=grad_accum, world=worlds[step],
+                                         vocab_size=vocab_size) for r in range(worlds[step])])
             loss = model(input_ids=batch, labels=batch).loss
             (loss / grad_accum).backward()
             step_loss += loss.item() / grad_accum

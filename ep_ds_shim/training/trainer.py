@@ -13,7 +13,9 @@ Only what differs from a data-parallel Trainer is overridden; everything else is
 - groups: the Trainer's `accelerator.prepare` calls `deepspeed.initialize` itself; `train()` runs inside
   `supply_deepspeed_groups(layout)`, so that call is the library's hand-over; a model loaded before `TrainingArguments(deepspeed=...)` is made DeepSpeed-ready
   before the Trainer builds its optimizer.
-- saving: `save_model` (and so every checkpoint) writes the whole model (`export.py`), not one rank's experts.
+- saving: `save_model` (and so every checkpoint) writes the whole model (`export.py`), not one rank's experts; a
+  checkpoint folder appears only once every rank has written its part (`checkpoints/trainer_folder.py`), and
+  `resume_from_checkpoint` resumes in any DP x EP layout (the engine's `load_checkpoint`, `checkpoints/load.py`).
 
     class MyTrainer(EPTrainerMixin, Trainer): ...
     trainer = MyTrainer(model=model, args=args, train_dataset=ds, ep_layout=layout)
@@ -26,6 +28,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from .adoption import make_deepspeed_ready
+from .checkpoints.trainer_folder import save_trainer_checkpoint
 from .export import agree_on_outcome, gather_full_state_dict
 from .groups_scope import supply_deepspeed_groups
 from .layout import DPxEPLayout
@@ -77,6 +80,14 @@ class EPTrainerMixin:
     def train(self, *args, **kwargs):
         with supply_deepspeed_groups(self.ep_layout):
             return super().train(*args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        """The Trainer's own checkpoint, written into a hidden staging folder and renamed into place once every rank
+        has written its part (push_to_hub uploads from the folder while it is written, so it keeps the folder)."""
+        if (not (getattr(self, "is_deepspeed_enabled", False) and record_of(self.model, required=False))
+                or self.args.push_to_hub):
+            return super()._save_checkpoint(model, trial)
+        return save_trainer_checkpoint(self, super()._save_checkpoint, model, trial)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Under DeepSpeed, every rank gathers the whole model (every EP rank's experts, every ZeRO partition) and
