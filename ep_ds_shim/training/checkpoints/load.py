@@ -42,7 +42,7 @@ def load_checkpoint(engine, original, record, load_dir, tag=None, load_module_st
             "rebuilds the weights with zero_to_fp32, which cannot read EP checkpoints. Load everything (the default) "
             "or the weights only (load_module_only=True).")
     here = layout_of(record)
-    where = f"{os.fspath(load_dir)!r}" + (f" (tag {tag!r})" if tag is not None else "")
+    where = repr(os.fspath(load_dir))  # not the tag: ranks that were given different tags get the same error
     job = f"this job (dp={here['dp_size']} x ep={here['ep_size']}, world {here['world_size']})"
 
     # 1. the same checkpoint on every rank
@@ -121,8 +121,10 @@ def _own_files_problem(saved: dict, tag_dir: str) -> str | None:
             return f"its file {path} is missing"
         digest = durable.digest_file(path)
         if digest != {"sha256": described_file["sha256"], "bytes": described_file["bytes"]}:
-            return (f"its file {path} is not the one the checkpoint's record describes ({digest['bytes']} bytes, "
-                    f"{described_file['bytes']} recorded): partial, damaged or overwritten")
+            size = (f"{digest['bytes']} bytes, {described_file['bytes']} recorded" if digest["bytes"] != described_file["bytes"]
+                    else "the recorded size, another SHA-256")
+            return (f"its file {path} is not the one the checkpoint's record describes ({size}): partial, damaged or "
+                    "overwritten")
     return None
 
 

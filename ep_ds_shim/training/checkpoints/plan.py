@@ -1,6 +1,6 @@
 """Whether this engine can resume a checkpoint, and how: in place (the layout that wrote it: DeepSpeed's own load) or
 through the universal conversion (another world size or EP size). What cannot be reached is refused, naming what
-differs: another ZeRO stage, another model, an EP size that does not divide its experts, another optimizer."""
+differs: another ZeRO stage, another model, another optimizer."""
 
 from __future__ import annotations
 
@@ -24,11 +24,8 @@ def plan(engine, record, saved: dict, *, module_only: bool) -> str:
     model_difference = _model_difference(saved["model"], describe.model(engine, record))
     if model_difference:
         raise Problem("layout", f"it holds another model: {model_difference}")
-    for name, rows in sorted(saved["model"]["expert_rows"].items()):
-        if rows % record.ep_size:
-            divisors = [size for size in range(1, rows + 1) if rows % size == 0]
-            raise Problem("layout", (f"its {name} has {rows} experts, which ep={record.ep_size} cannot split evenly; "
-                                     f"resume with an EP size in {divisors}"))
+    # An EP size that does not divide the experts never gets here: the model does not load with it
+    # (`loading/request.py`), and the model is the checkpoint's (above).
     groups = len(engine.optimizer.optimizer.param_groups)
     if not module_only and saved["optimizer"]["param_groups"] != groups:
         raise Problem("layout", (f"its optimizer has {saved['optimizer']['param_groups']} parameter groups, this "

@@ -55,7 +55,7 @@ def resolve(load_dir, tag) -> tuple[str, dict]:
 def _tags_found(load_dir) -> str:
     tags = sorted(name for name in os.listdir(load_dir)
                   if not name.startswith(".") and os.path.isfile(manifest.path_in(os.path.join(load_dir, name))))
-    return f"complete tags there: {tags}; pass tag=<one of them>" if tags else "it holds no complete checkpoint"
+    return f"tags with a record there: {tags}; pass tag=<one of them>" if tags else "it holds no recorded checkpoint"
 
 
 def _interrupted_swap(load_dir, tag) -> str:

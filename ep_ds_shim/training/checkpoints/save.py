@@ -42,16 +42,13 @@ def save_checkpoint(engine, original, record, save_dir, tag=None, client_state=N
     tag = f"global_step{engine.global_steps}" if tag is None else str(tag)
     save_dir = os.path.abspath(os.fspath(save_dir))
     what = f"save_checkpoint({save_dir!r}, tag={tag!r})"
-    prefix = f"{what} did not start; nothing was written. "
-    begun = agree("checkpoint_save_begin", _destination_problem(engine, save_dir, tag), what=what,
+    prefix = f"save_checkpoint into {save_dir!r} did not start; nothing was written. "
+    begun = agree("checkpoint_save_begin", _destination_problem(engine, save_dir, tag), what="save_checkpoint",
                   error=CheckpointIntegrityError, prefix=prefix,
                   payload={"tag": tag, "dir": save_dir, "token": uuid.uuid4().hex[:12]})
-    different = {rank: f"called with tag {p['tag']!r} in {p['dir']!r}" for rank, p in begun.items()
-                 if (p["tag"], p["dir"]) != (tag, save_dir)}
-    if different:
-        raise CheckpointIntegrityError(prefix + "every rank must save the same tag into the same directory; "
-                                       f"rank {dist.get_rank()} has tag {tag!r} in {save_dir!r}, "
-                                       + "; ".join(f"rank {r}: {m}" for r, m in sorted(different.items())))
+    if len({(payload["tag"], payload["dir"]) for payload in begun.values()}) > 1:
+        raise CheckpointIntegrityError(prefix + "every rank must save the same tag into the same directory: " + "; ".join(
+            f"rank {rank}: tag {payload['tag']!r} in {payload['dir']!r}" for rank, payload in sorted(begun.items())))
     token = begun[0]["token"]
     staging = staging_name(tag, "incoming", token)
 

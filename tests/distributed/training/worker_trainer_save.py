@@ -59,14 +59,15 @@ def losses(trainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-def reference(path: str, output_dir: str, report_path: str, world: int) -> None:
-    """A single process on every rank's batches together (every rank trains on its own)."""
+def reference(path: str, output_dir: str, report_path: str, world: int, data_world: int, resume_from=None) -> None:
+    """A single process on every rank's batches together (every rank trains on its own); resuming its own checkpoint
+    with `world` ranks' batches when the EP run resumes on another layout."""
     from transformers import AutoModelForCausalLM, Trainer
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     trainer = Trainer(model=model, args=training_arguments(output_dir, batch_size=2 * world),
-                      train_dataset=rows(model.config.vocab_size, world))
-    trainer.train()
+                      train_dataset=rows(model.config.vocab_size, data_world))
+    trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(os.path.join(output_dir, "final"))
     with open(report_path.format(rank=0), "w") as handle:
         json.dump({"losses": losses(trainer)}, handle)
@@ -83,9 +84,12 @@ def main() -> None:
     parser.add_argument("--resume-from")
     parser.add_argument("--reference", action="store_true")
     parser.add_argument("--world", type=int, default=2, help="with --reference: the ranks whose batches it trains on")
+    parser.add_argument("--data-world", type=int, default=None,
+                        help="the dataset holds this many ranks' batches per step (default: the job's world)")
     args = parser.parse_args()
     if args.reference:
-        return reference(args.path, args.output_dir, args.report, args.world)
+        return reference(args.path, args.output_dir, args.report, args.world, args.data_world or args.world,
+                         args.resume_from)
 
     import deepspeed
     from transformers import AutoModelForCausalLM, Trainer
@@ -109,7 +113,7 @@ def main() -> None:
         with ep_ds_shim.ep_zero3_compat():
             model = AutoModelForCausalLM.from_pretrained(args.path, dtype=torch.float32,
                                                          **layout.from_pretrained_kwargs(args.path))
-        data = rows(model.config.vocab_size, layout.world_size)
+        data = rows(model.config.vocab_size, args.data_world or layout.world_size)
         if args.trainer == "ep":
             trainer = ep_ds_shim.EPTrainer(model=model, args=training_args, train_dataset=data, ep_layout=layout)
         else:
