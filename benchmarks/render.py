@@ -759,6 +759,11 @@ def markdown(results: dict) -> str:
         body, v, growth_metrics_ = growth_tables(sections["growth"])
         lines += body
         verdicts.update(v)
+    if "resume" in sections:
+        from render_resume import resume_lines
+
+        lines += ["### 5. Checkpoints: save, and resume in another layout", ""]
+        lines += resume_lines(sections["resume"])
     if "profile" in sections:
         lines += ["### Profile (where the shim's own time goes)", ""]
         lines += profile_lines(sections["profile"])

@@ -30,6 +30,9 @@ benchmarks/results.md with the command and date, and to build/bench/results.json
    state for every load) and the heap returned to the OS; jobs alternate which variant comes first; pairs are
    added until the 95% confidence interval of the median ratio is narrower than --precision or the time budget
    is spent. Cross-check: the shim's own time, timed directly around its wrappers and post-load work.
+5. checkpoints (section "resume"): save_checkpoint on 2 ranks (ep=2), the resume in the same layout (DeepSpeed's own
+   load: the baseline) and on 4 ranks (dp=2 x ep=2: the conversion to DeepSpeed's universal format, timed on its
+   own, then the universal load): seconds, peak RSS per rank and bytes on disk, over model sizes.
 
 Checkpoints (qwen3_moe, built locally with ep_ds_shim.testing.build_tiny_moe) are built once under build/bench and
 reused while their stamp matches. `BENCH_PROFILE=out.prof` in a worker's environment profiles its rank 0
@@ -79,6 +82,7 @@ PLANS = {
         "ratio_jobs": 3,
         # (checkpoint, ranks, steps, rounds): every side in every round, rounds alternating the order
         "shard": [("small-64", 2, 6, 2), ("small-64", 4, 3, 1)],
+        "resume": ("small-64", "medium-64"),
         "minutes": 10.0,
     },
     "full": {
@@ -88,10 +92,11 @@ PLANS = {
         "ratio": "large-64",
         "ratio_jobs": 12,
         "shard": [("large-64", 2, 5, 2), ("medium-64", 4, 4, 1)],
+        "resume": ("medium-64", "large-64"),
         "minutes": 25.0,
     },
 }
-SECTIONS = ("overhead", "compare", "shard", "growth", "profile", "ratio")
+SECTIONS = ("overhead", "compare", "shard", "growth", "resume", "profile", "ratio")
 # The shard section's global batch: sequences per optimizer step, the same for every side (split over 2 or 4 ranks).
 SHARD_SEQUENCES = 4
 # Its sides: (name, batch mode); which python runs them is in Bench.shard_side.
@@ -370,6 +375,21 @@ print(json.dumps(dict(enter_exit_install_us=enter_exit_cold * 1e6, enter_exit_in
                 out["configs"].append({"checkpoint": path.name, "size": size, "ranks": nproc,
                                        "bytes": common.checkpoint_bytes(path), "exported_bytes": exported,
                                        "reports": reports})
+        return out
+
+    def resume(self) -> dict:
+        """Table 5: save_checkpoint, the resume in the same layout, and in another one (conversion + universal load)."""
+        out = {"configs": []}
+        directory = OUT / "checkpoint-tmp"
+        for size in self.plan["resume"]:
+            path = self.checkpoint(size)
+            shutil.rmtree(directory, ignore_errors=True)
+            config = {"checkpoint": path.name, "size": size, "bytes": common.checkpoint_bytes(path)}
+            for name, mode, nproc in (("save", "save", 2), ("same_layout", "resume", 2), ("other_layout", "resume", 4)):
+                _, config[name] = self.job(f"resume-{size}-{name}", self.main_python, "checkpoint_worker.py",
+                                           [mode, path, "{json}", directory, "--ep-size", 2], nproc)
+            shutil.rmtree(directory, ignore_errors=True)
+            out["configs"].append(config)
         return out
 
     def profile(self) -> dict:

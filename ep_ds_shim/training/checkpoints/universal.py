@@ -76,9 +76,15 @@ def ensure(record: dict, tag_dir: str, root: str) -> None:
                        "writable directory every rank can read> to load_checkpoint")
     agree("universal_begin", problem, what=what, error=CheckpointIntegrityError, prefix=f"{what}: ")
 
+    problem = None
+    try:  # every file is checked against the record (each rank a share) before any rank reads one
+        _verify_sources(record, tag_dir, rank, world)
+    except Exception as error:  # noqa: BLE001 - shared below
+        problem = described(error)
+    agree("universal_sources", problem, what=what, error=CheckpointIntegrityError,
+          prefix=f"cannot convert {tag_dir}: ", timeout=AFTER_WRITE_TIMEOUT)
     problem, written = None, {}
     try:
-        _verify_sources(record, tag_dir, rank, world)
         written = _write_share(record, tag_dir, staging, rank, world)
     except Exception as error:  # noqa: BLE001 - shared below
         problem = described(error)

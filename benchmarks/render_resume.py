@@ -1,0 +1,43 @@
+"""Table 5 of benchmarks/results.md: checkpoints of an EP engine, saved on 2 ranks and resumed in the same layout
+(DeepSpeed's own load, the baseline) and on 4 ranks (the conversion to DeepSpeed's universal format + its load)."""
+
+from __future__ import annotations
+
+MB = 2**20
+
+
+def _slowest(reports: list[dict], phase: str, measure: str):
+    values = [report[phase][measure] for report in reports if phase in report]
+    return max(values) if values else None
+
+
+def resume_lines(section: dict) -> list[str]:
+    lines = [
+        "Per model size: `engine.save_checkpoint` on 2 ranks (ep=2; DeepSpeed writes each rank's files, every file is "
+        "flushed and digested, the record written, the tag put in place), then a new job resumes it: on 2 ranks (the "
+        "layout that wrote it: each rank checks its files, then DeepSpeed's own load) and on 4 ranks (dp=2 x ep=2: the "
+        "conversion to DeepSpeed's universal format by every rank, timed on its own, then the universal load, which "
+        "checks its share of the conversion). Seconds of the slowest rank; peak RSS of the largest rank during the "
+        "phase; ratios against the same-layout resume of the same run.",
+        "",
+        "| model | save s | save peak MB | checkpoint MB | resume, same layout s | peak MB | conversion s | "
+        "conversion peak MB | conversion MB on disk | universal load s | peak MB | (conversion + load) / same-layout "
+        "resume |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for config in section.get("configs", []):
+        save, same, other = config["save"], config["same_layout"], config["other_layout"]
+        same_s = _slowest(same, "load", "s")
+        convert_s, load_s = _slowest(other, "convert", "s"), _slowest(other, "load", "s")
+        checkpoint = next((r.get("checkpoint_bytes") for r in save if r.get("checkpoint_bytes")), 0)
+        converted = next((r.get("universal_bytes") for r in other if r.get("universal_bytes")), 0)
+        lines.append(
+            f"| {config['checkpoint']} ({config['bytes']['total'] / MB:.0f} MB) | {_slowest(save, 'save', 's'):.2f} "
+            f"| {_slowest(save, 'save', 'peak_mb'):.0f} | {checkpoint / MB:.0f} | {same_s:.2f} "
+            f"| {_slowest(same, 'load', 'peak_mb'):.0f} | {convert_s:.2f} | {_slowest(other, 'convert', 'peak_mb'):.0f} "
+            f"| {converted / MB:.0f} | {load_s:.2f} | {_slowest(other, 'load', 'peak_mb'):.0f} "
+            f"| {(convert_s + load_s) / same_s:.2f} |")
+    steps = {config["checkpoint"]: sorted({r["step"] for r in config["other_layout"]}) for config in section.get("configs", [])}
+    lines += ["", f"Every rank of every resumed job was at the saved step afterwards ({steps}) and trained one more step.",
+              ""]
+    return lines
