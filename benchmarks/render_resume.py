@@ -11,6 +11,13 @@ def _slowest(reports: list[dict], phase: str, measure: str):
     return max(values) if values else None
 
 
+def _peak(reports: list[dict], phase: str) -> str:
+    """The largest rank's peak RSS in the phase, and its growth over the RSS the phase started with."""
+    largest = max((report for report in reports if phase in report), key=lambda report: report[phase]["peak_mb"])
+    measured = largest[phase]
+    return f"{measured['peak_mb']:.0f} (+{measured['peak_mb'] - measured['rss_before_mb']:.0f})"
+
+
 def resume_lines(section: dict) -> list[str]:
     lines = [
         "Per model size: `engine.save_checkpoint` on 2 ranks (ep=2; DeepSpeed writes each rank's files, every file is "
@@ -18,7 +25,8 @@ def resume_lines(section: dict) -> list[str]:
         "layout that wrote it: each rank checks its files, then DeepSpeed's own load) and on 4 ranks (dp=2 x ep=2: the "
         "conversion to DeepSpeed's universal format by every rank, timed on its own, then the universal load, which "
         "checks its share of the conversion). Seconds of the slowest rank; peak RSS of the largest rank during the "
-        "phase; ratios against the same-layout resume of the same run.",
+        "phase (in brackets: its growth over the RSS the phase started with); ratios against the same-layout resume "
+        "of the same run.",
         "",
         "| model | save s | save peak MB | checkpoint MB | resume, same layout s | peak MB | conversion s | "
         "conversion peak MB | conversion MB on disk | universal load s | peak MB | (conversion + load) / same-layout "
@@ -33,10 +41,9 @@ def resume_lines(section: dict) -> list[str]:
         converted = next((r.get("universal_bytes") for r in other if r.get("universal_bytes")), 0)
         lines.append(
             f"| {config['checkpoint']} ({config['bytes']['total'] / MB:.0f} MB) | {_slowest(save, 'save', 's'):.2f} "
-            f"| {_slowest(save, 'save', 'peak_mb'):.0f} | {checkpoint / MB:.0f} | {same_s:.2f} "
-            f"| {_slowest(same, 'load', 'peak_mb'):.0f} | {convert_s:.2f} | {_slowest(other, 'convert', 'peak_mb'):.0f} "
-            f"| {converted / MB:.0f} | {load_s:.2f} | {_slowest(other, 'load', 'peak_mb'):.0f} "
-            f"| {(convert_s + load_s) / same_s:.2f} |")
+            f"| {_peak(save, 'save')} | {checkpoint / MB:.0f} | {same_s:.2f} | {_peak(same, 'load')} "
+            f"| {convert_s:.2f} | {_peak(other, 'convert')} | {converted / MB:.0f} | {load_s:.2f} "
+            f"| {_peak(other, 'load')} | {(convert_s + load_s) / same_s:.2f} |")
     steps = {config["checkpoint"]: sorted({r["step"] for r in config["other_layout"]}) for config in section.get("configs", [])}
     lines += ["", f"Every rank of every resumed job was at the saved step afterwards ({steps}) and trained one more step.",
               ""]
