@@ -42,6 +42,36 @@ def fingerprint(engine) -> str:
     return sha.hexdigest()
 
 
+def full_state(engine, layout) -> dict:
+    """Every parameter's whole training state as this rank sees it, in a form that does not depend on the layout:
+    {name: {state: sha256}}, an expert tensor per global expert (`name#<expert>`); and each parameter group's
+    hyperparameters and Adam step. Comparing two jobs' merged reports shows whether the state moved exactly."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from ep_ds_shim.experts import is_expert_parameter_name
+
+    out = {}
+    for name, param in engine.module.named_parameters():
+        states = {"fp32": safe_get_full_fp32_param(param), "exp_avg": safe_get_full_optimizer_state(param, "exp_avg"),
+                  "exp_avg_sq": safe_get_full_optimizer_state(param, "exp_avg_sq")}
+        if is_expert_parameter_name(name):
+            rows = states["fp32"].shape[0]
+            for row in range(rows):
+                out[f"{name}#{layout.ep_rank * rows + row}"] = {
+                    key: hashlib.sha256(value[row].contiguous().numpy().tobytes()).hexdigest()
+                    for key, value in states.items()}
+        else:
+            out[name] = {key: hashlib.sha256(value.contiguous().numpy().tobytes()).hexdigest()
+                         for key, value in states.items()}
+    zero = engine.optimizer
+    groups = [{key: (list(value) if isinstance(value, tuple) else value) for key, value in group.items()
+               if key != "params" and isinstance(value, (int, float, str, bool, tuple, type(None)))}
+              for group in zero.optimizer.param_groups]
+    steps = sorted({float(state["step"]) for state in zero.optimizer.state.values() if "step" in state})
+    return {"parameters": out, "groups": groups, "adam_steps": steps, "global_steps": engine.global_steps,
+            "lr_scheduler_last_epoch": engine.lr_scheduler.state_dict()["last_epoch"]}
+
+
 def fixed_batch_loss(engine) -> float:
     from ep_ds_shim import testing
 
@@ -90,7 +120,7 @@ def arm(point: str) -> None:
         raise SystemExit(f"unknown kill point {point}")
 
 
-def build_engine(model_dir: str, ep_size: int):
+def build_engine(model_dir: str, ep_size: int, *, param_groups: int = 1, bf16: bool = False):
     import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
@@ -100,13 +130,19 @@ def build_engine(model_dir: str, ep_size: int):
     from ep_ds_shim.testing import oracle
 
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-              "zero_optimization": {"stage": 3}, "steps_per_print": 10**9}
+              "zero_optimization": {"stage": 3}, "steps_per_print": 10**9, "bf16": {"enabled": bf16}}
     signalled = HfDeepSpeedConfig(config)  # noqa: F841 - DeepSpeed signalled while loading, as launchers do
     layout = ep_ds_shim.DPxEPLayout(ep_size)
     with ep_ds_shim.ep_zero3_compat():
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                      **layout.from_pretrained_kwargs(model_dir))
-    optimizer = torch.optim.AdamW(model.parameters(), **testing.OPTIMIZER)
+    if param_groups == 2:  # as the Trainer groups them: no weight decay on norm weights
+        norms = [p for n, p in model.named_parameters() if "norm" in n]
+        others = [p for n, p in model.named_parameters() if "norm" not in n]
+        groups = [{"params": others}, {"params": norms, "weight_decay": 0.0, "lr": testing.OPTIMIZER["lr"] / 2}]
+    else:
+        groups = model.parameters()
+    optimizer = torch.optim.AdamW(groups, **testing.OPTIMIZER)
     engine, *_ = ep_ds_shim.initialize(
         model=model, layout=layout, optimizer=optimizer, config=config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, oracle.schedule(8)))
@@ -131,21 +167,21 @@ def outcome(call) -> dict:
         return {"raised": type(error).__name__, "message": str(error), "trace": traceback.format_exc()[-1500:]}
 
 
-def save_mode(args, engine, report) -> None:
+def save_mode(args, engine, layout, report) -> None:
     report["saves"] = []
     save_at = [int(step) for step in args.save_at.split(",")]
     for step in range(max(save_at)):
         train_step(engine, step)
         if step + 1 in save_at:
             report["saves"].append({"step": engine.global_steps, "fingerprint": fingerprint(engine),
-                                    "loss": fixed_batch_loss(engine)})
+                                    "loss": fixed_batch_loss(engine), "state": full_state(engine, layout)})
             write(args, report)  # before the save: a killed rank has reported what it saved
             if step + 1 == max(save_at) and args.kill and dist.get_rank() == args.victim:
                 arm(args.kill)
             engine.save_checkpoint(args.checkpoint_dir, tag=args.tag)
 
 
-def resume_mode(args, engine, report) -> None:
+def resume_mode(args, engine, layout, report) -> None:
     tag = args.tag
     if args.tag_per_rank:
         tag = args.tag_per_rank.split(",")[dist.get_rank()]
@@ -157,12 +193,13 @@ def resume_mode(args, engine, report) -> None:
                                                         load_module_only=args.module_only))
     report.update(result)
     if result["raised"] is None:
-        report.update(step=engine.global_steps, fingerprint=fingerprint(engine), loss=fixed_batch_loss(engine))
+        report.update(step=engine.global_steps, fingerprint=fingerprint(engine), loss=fixed_batch_loss(engine),
+                      state=full_state(engine, layout))
         if args.train_after:  # the next step trains from the resumed state
             report["next_loss"] = train_step(engine, engine.global_steps)
 
 
-def cases_mode(args, engine, report) -> None:
+def cases_mode(args, engine, layout, report) -> None:
     """Two saves (tags A and B), then every wrong way in, each on every rank."""
     root = args.checkpoint_dir
     train_step(engine, 0)
@@ -239,6 +276,8 @@ def main() -> None:
     parser.add_argument("--victim", type=int, default=0)
     parser.add_argument("--module-only", action="store_true")
     parser.add_argument("--train-after", action="store_true")
+    parser.add_argument("--param-groups", type=int, choices=(1, 2), default=1)
+    parser.add_argument("--bf16", action="store_true")
     args = parser.parse_args()
 
     import deepspeed
@@ -246,8 +285,9 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     report = {"rank": dist.get_rank(), "world": dist.get_world_size()}
     try:
-        engine, _ = build_engine(args.model, args.ep_size)
-        {"save": save_mode, "resume": resume_mode, "cases": cases_mode}[args.mode](args, engine, report)
+        engine, layout = build_engine(args.model, args.ep_size, param_groups=args.param_groups, bf16=args.bf16)
+        report["layout"] = [layout.dp_size, layout.ep_size]
+        {"save": save_mode, "resume": resume_mode, "cases": cases_mode}[args.mode](args, engine, layout, report)
     except Exception as error:  # noqa: BLE001 - recorded for the test
         report.update(raised=type(error).__name__, message=str(error), trace=traceback.format_exc()[-3000:])
     write(args, report)

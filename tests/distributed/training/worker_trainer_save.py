@@ -64,7 +64,10 @@ def reference(path: str, output_dir: str, report_path: str, world: int, data_wor
     with `world` ranks' batches when the EP run resumes on another layout."""
     from transformers import AutoModelForCausalLM, Trainer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    # transformers' Trainer reloads a checkpoint it saved without the release's weight conversion (5.24: the fused
+    # expert tensors are reported missing and keep the model's initial values), so the model is loaded from the
+    # checkpoint it resumes: its experts are the checkpoint's, and the Trainer then restores the rest of its state.
+    model = AutoModelForCausalLM.from_pretrained(resume_from or path, dtype=torch.float32)
     trainer = Trainer(model=model, args=training_arguments(output_dir, batch_size=2 * world),
                       train_dataset=rows(model.config.vocab_size, data_world))
     trainer.train(resume_from_checkpoint=resume_from)
