@@ -44,28 +44,8 @@ def load_checkpoint(engine, original, record, load_dir, tag=None, load_module_st
     here = layout_of(record)
     where = repr(os.fspath(load_dir))  # not the tag: ranks that were given different tags get the same error
     job = f"this job (dp={here['dp_size']} x ep={here['ep_size']}, world {here['world_size']})"
-
-    # 1. the same checkpoint on every rank
-    found = {"problem": None, "kind": None, "tag": None, "step": None, "record": None}
-    try:
-        tag, saved = resolve(load_dir, tag)
-        tag_dir = os.path.join(os.fspath(load_dir), tag)
-        found.update(tag=tag, step=saved["step"], record=universal.source_id(tag_dir))
-    except Problem as problem:
-        found.update(problem=problem.message, kind=problem.kind)
-    except Exception as error:  # noqa: BLE001 - unreadable: the same error on every rank
-        found.update(problem=described(error), kind="integrity")
-    resolved = exchange("checkpoint_resolve", found, what=f"load_checkpoint({where})")
-    _raise_problems(resolved, f"cannot resume from {where}: ")
-    views = {(view["tag"], view["step"], view["record"]) for view in resolved.values()}
-    if len(views) > 1:
-        raise CheckpointIntegrityError(
-            f"cannot resume from {where}: the ranks found different checkpoints (each reads `latest` itself): "
-            + "; ".join(f"rank {rank}: tag {view['tag']!r}, step {view['step']}, record {view['record'][:12]}"
-                        for rank, view in sorted(resolved.items())))
-
-    # 2. reachable from this layout?
-    route, problem = None, None
+    tag, saved, tag_dir = _resolve_everywhere(load_dir, tag, where)
+    problem, route = None, None
     try:
         route = plan(engine, record, saved, module_only=load_module_only)
     except Problem as refused:
@@ -73,9 +53,9 @@ def load_checkpoint(engine, original, record, load_dir, tag=None, load_module_st
     except Exception as error:  # noqa: BLE001 - the same error on every rank
         problem = described(error)
     agree("checkpoint_plan", problem, what=f"load_checkpoint({where})", error=CheckpointLayoutError,
-          prefix=f"cannot resume {tag_dir} in {job}: ")
+          prefix=(f"cannot resume {tag_dir} in {job} (a checkpoint of this model and ZeRO stage would resume in any "
+                  "DP x EP layout: load_checkpoint converts it): "))
 
-    # 3. load
     kwargs = dict(load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
                   load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
                   custom_load_fn=custom_load_fn)
@@ -95,15 +75,41 @@ def load_checkpoint(engine, original, record, load_dir, tag=None, load_module_st
             result = original(engine, root, universal.FOLDER, **kwargs)
         if not load_module_only:
             _after_universal_load(engine, saved)
-
-    # 4. resumed where the record says
     if not load_module_only:
-        steps = exchange("checkpoint_step", {"step": int(engine.global_steps)}, what=f"load_checkpoint({where})")
-        wrong = {rank: value["step"] for rank, value in steps.items() if value["step"] != saved["step"]}
-        if wrong:
-            raise CheckpointIntegrityError(f"resumed {tag_dir}, but ranks {sorted(wrong)} are at steps "
-                                           f"{sorted(set(wrong.values()))}, not the recorded step {saved['step']}")
+        _check_step(engine, saved, tag_dir, where)
     return result
+
+
+def _resolve_everywhere(load_dir, tag, where: str) -> tuple[str, dict, str]:
+    """Every rank resolves the tag and reads the record; all raise the same error unless they found the same
+    checkpoint (tag, step, record digest). Returns (tag, record, tag directory)."""
+    found = {"problem": None, "kind": None, "tag": None, "step": None, "record": None}
+    saved = tag_dir = None
+    try:
+        tag, saved = resolve(load_dir, tag)
+        tag_dir = os.path.join(os.fspath(load_dir), tag)
+        found.update(tag=tag, step=saved["step"], record=universal.source_id(tag_dir))
+    except Problem as problem:
+        found.update(problem=problem.message, kind=problem.kind)
+    except Exception as error:  # noqa: BLE001 - unreadable: the same error on every rank
+        found.update(problem=described(error), kind="integrity")
+    resolved = exchange("checkpoint_resolve", found, what=f"load_checkpoint({where})")
+    _raise_problems(resolved, f"cannot resume from {where}: ")
+    if len({(view["tag"], view["step"], view["record"]) for view in resolved.values()}) > 1:
+        raise CheckpointIntegrityError(
+            f"cannot resume from {where}: the ranks found different checkpoints (each reads `latest` itself): "
+            + "; ".join(f"rank {rank}: tag {view['tag']!r}, step {view['step']}, record {view['record'][:12]}"
+                        for rank, view in sorted(resolved.items())))
+    return tag, saved, tag_dir
+
+
+def _check_step(engine, saved: dict, tag_dir: str, where: str) -> None:
+    """Every rank resumed at the step the record gives."""
+    steps = exchange("checkpoint_step", {"step": int(engine.global_steps)}, what=f"load_checkpoint({where})")
+    wrong = {rank: value["step"] for rank, value in steps.items() if value["step"] != saved["step"]}
+    if wrong:
+        raise CheckpointIntegrityError(f"resumed {tag_dir}, but ranks {sorted(wrong)} are at steps "
+                                       f"{sorted(set(wrong.values()))}, not the recorded step {saved['step']}")
 
 
 def _raise_problems(outcomes: dict, prefix: str) -> None:

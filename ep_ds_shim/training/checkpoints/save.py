@@ -41,56 +41,15 @@ def save_checkpoint(engine, original, record, save_dir, tag=None, client_state=N
         raise ValueError(f"save_dir must be a non-empty string, got {save_dir!r}")
     tag = f"global_step{engine.global_steps}" if tag is None else str(tag)
     save_dir = os.path.abspath(os.fspath(save_dir))
-    what = f"save_checkpoint({save_dir!r}, tag={tag!r})"
-    prefix = f"save_checkpoint into {save_dir!r} did not start; nothing was written. "
-    begun = agree("checkpoint_save_begin", _destination_problem(engine, save_dir, tag), what="save_checkpoint",
-                  error=CheckpointIntegrityError, prefix=prefix,
-                  payload={"tag": tag, "dir": save_dir, "token": uuid.uuid4().hex[:12]})
-    if len({(payload["tag"], payload["dir"]) for payload in begun.values()}) > 1:
-        raise CheckpointIntegrityError(prefix + "every rank must save the same tag into the same directory: " + "; ".join(
-            f"rank {rank}: tag {payload['tag']!r} in {payload['dir']!r}" for rank, payload in sorted(begun.items())))
-    token = begun[0]["token"]
+    token = _begin(engine, save_dir, tag)
     staging = staging_name(tag, "incoming", token)
-
-    problem, files = None, None
-    try:
-        original(engine, save_dir, staging, dict(client_state or {}), save_latest=False,
-                 exclude_frozen_parameters=exclude_frozen_parameters)
-        files = own_files(engine, save_dir, staging)
-        groups, partition_ranks = describe.partitions(engine)
-    except Exception as error:  # noqa: BLE001 - every rank raises it below
-        problem = described(error)
-        groups, partition_ranks = [], []
-    structure = json.dumps(groups, sort_keys=True)
-    written = exchange_outcome(problem, files, partition_ranks, structure, record)
-    staging_dir = os.path.join(save_dir, staging)
-    failed = {rank: outcome["problem"] for rank, outcome in written.items() if outcome["problem"]}
-    if not failed and len({outcome["structure"] for outcome in written.values()}) != 1:
-        failed = {0: "the ranks' ZeRO-3 partition structures differ (an EP size that does not split the experts "
-                     "evenly?)"}
-    if failed:
-        if dist.get_rank() == 0:
-            durable.remove_tree(staging_dir)
-        raise CheckpointIntegrityError(f"{what} failed; nothing was put in place and the previous checkpoint (if "
-                                       f"any) is untouched. {summary(failed)}")
-
-    commit_problem = None
+    written, groups = _write_every_rank(engine, original, record, save_dir, staging, tag, dict(client_state or {}),
+                                        exclude_frozen_parameters)
+    problem = None
     if dist.get_rank() == 0:
         try:
-            record_payload = {
-                "format": manifest.FORMAT, "version": manifest.VERSION, "tag": tag,
-                "step": int(engine.global_steps), "global_samples": int(engine.global_samples),
-                "zero_stage": int(engine.zero_optimization_stage()), "precision": describe.precision(engine),
-                "layout": {"world_size": dist.get_world_size(), "dp_size": record.layout.dp_size,
-                           "ep_size": record.ep_size},
-                "nvme_offload": bool(engine.zero_nvme_offload_optimizer()),
-                "model": describe.model(engine, record), "optimizer": describe.optimizer(engine),
-                "partitions": groups,
-                "ranks": [{"rank": rank, "ep_rank": written[rank]["ep_rank"], "files": written[rank]["files"],
-                           "partition_ranks": written[rank]["partition_ranks"]} for rank in sorted(written)],
-                "written_by": _versions(),
-            }
-            durable.write_json_atomic(manifest.path_in(staging_dir), record_payload)
+            staging_dir = os.path.join(save_dir, staging)
+            durable.write_json_atomic(manifest.path_in(staging_dir), _record(engine, record, tag, groups, written))
             durable.fsync_dir(staging_dir)
             durable.put_in_place(staging_dir, os.path.join(save_dir, tag),
                                  outgoing=os.path.join(save_dir, staging_name(tag, "outgoing", token)))
@@ -98,18 +57,66 @@ def save_checkpoint(engine, original, record, save_dir, tag=None, client_state=N
                 durable.write_atomic(os.path.join(save_dir, LATEST), tag.encode())
             remove_leftovers(save_dir)
         except Exception as error:  # noqa: BLE001 - every rank raises it below
-            commit_problem = described(error)
-    agree("checkpoint_save_commit", commit_problem, what=what, error=CheckpointIntegrityError,
+            problem = described(error)
+    what = f"save_checkpoint({save_dir!r}, tag={tag!r})"
+    agree("checkpoint_save_commit", problem, what=what, error=CheckpointIntegrityError,
           prefix=f"{what}: every rank wrote its files, but putting the checkpoint in place failed: ",
           timeout=AFTER_WRITE_TIMEOUT)
     return True
 
 
-def exchange_outcome(problem, files, partition_ranks, structure, record) -> dict[int, dict]:
-    return exchange("checkpoint_save_written", {
-        "problem": problem, "files": files, "partition_ranks": partition_ranks,
-        "structure": durable.digest_bytes(structure.encode()), "ep_rank": dist.get_rank() % record.ep_size,
+def _begin(engine, save_dir: str, tag: str) -> str:
+    """Every rank saves the same tag into the same directory, which can take it; returns the save's token."""
+    prefix = f"save_checkpoint into {save_dir!r} did not start; nothing was written. "
+    begun = agree("checkpoint_save_begin", _destination_problem(engine, save_dir, tag), what="save_checkpoint",
+                  error=CheckpointIntegrityError, prefix=prefix,
+                  payload={"tag": tag, "dir": save_dir, "token": uuid.uuid4().hex[:12]})
+    if len({(payload["tag"], payload["dir"]) for payload in begun.values()}) > 1:
+        raise CheckpointIntegrityError(prefix + "every rank must save the same tag into the same directory: " + "; ".join(
+            f"rank {rank}: tag {payload['tag']!r} in {payload['dir']!r}" for rank, payload in sorted(begun.items())))
+    return begun[0]["token"]
+
+
+def _write_every_rank(engine, original, record, save_dir, staging, tag, client_state, exclude_frozen_parameters):
+    """DeepSpeed writes every rank's files under the staging tag; each rank flushes and digests its own; the ranks
+    agree. Returns every rank's outcome and ZeRO-3's partition structure; on any failure every rank raises."""
+    problem, files, groups, partition_ranks = None, None, [], []
+    try:
+        original(engine, save_dir, staging, client_state, save_latest=False,
+                 exclude_frozen_parameters=exclude_frozen_parameters)
+        files = own_files(engine, save_dir, staging)
+        groups, partition_ranks = describe.partitions(engine)
+    except Exception as error:  # noqa: BLE001 - every rank raises it below
+        problem = described(error)
+    written = exchange("checkpoint_save_written", {
+        "problem": problem, "files": files, "partition_ranks": partition_ranks, "ep_rank": record.layout.ep_rank,
+        "structure": durable.digest_bytes(json.dumps(groups, sort_keys=True).encode()),
     }, what="the end of save_checkpoint on every rank", timeout=AFTER_WRITE_TIMEOUT)
+    failed = {rank: outcome["problem"] for rank, outcome in written.items() if outcome["problem"]}
+    if not failed and len({outcome["structure"] for outcome in written.values()}) != 1:
+        failed = {0: "the ranks' ZeRO-3 partition structures differ"}
+    if failed:
+        if dist.get_rank() == 0:
+            durable.remove_tree(os.path.join(save_dir, staging))
+        raise CheckpointIntegrityError(
+            f"save_checkpoint({save_dir!r}, tag={tag!r}) failed; nothing was put in place and the previous checkpoint "
+            f"(if any) is untouched. {summary(failed)}")
+    return written, groups
+
+
+def _record(engine, record, tag: str, groups: list, written: dict) -> dict:
+    """The checkpoint's JSON record (`manifest.py`)."""
+    return {
+        "format": manifest.FORMAT, "version": manifest.VERSION, "tag": tag, "step": int(engine.global_steps),
+        "global_samples": int(engine.global_samples), "zero_stage": int(engine.zero_optimization_stage()),
+        "precision": describe.precision(engine),
+        "layout": {"world_size": dist.get_world_size(), "dp_size": record.layout.dp_size, "ep_size": record.ep_size},
+        "nvme_offload": bool(engine.zero_nvme_offload_optimizer()),
+        "model": describe.model(engine, record), "optimizer": describe.optimizer(engine), "partitions": groups,
+        "ranks": [{"rank": rank, "ep_rank": written[rank]["ep_rank"], "files": written[rank]["files"],
+                   "partition_ranks": written[rank]["partition_ranks"]} for rank in sorted(written)],
+        "written_by": _versions(),
+    }
 
 
 def own_files(engine, save_dir, tag) -> dict:

@@ -84,6 +84,36 @@ def test_resume_on_another_layout_bf16(checkpoint8, tmp_path):
     assert result["export"]["max_param_diff"] <= BF16_PARAM_TOLERANCE and result["ok"], stdout
 
 
+def merged_state(states: list[dict]) -> dict:
+    """The whole model's training state from every rank's `full_state` report (ranks holding the same part agree)."""
+    parameters, rest = {}, []
+    for state in states:
+        for name, digests in state["parameters"].items():
+            assert parameters.setdefault(name, digests) == digests, name
+        rest.append({key: value for key, value in state.items() if key != "parameters"})
+    assert all(entry == rest[0] for entry in rest), rest
+    return {"parameters": parameters, **rest[0]}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("options", [["--param-groups", 2], ["--bf16"]], ids=["fp32-two-groups", "bf16"])
+def test_the_training_state_moves_to_another_layout_and_back_bit_for_bit(options, checkpoint8, tmp_path):
+    """2 ranks (ep=2) -> 4 ranks (dp=2 x ep=2) -> saved there -> 2 ranks: every parameter's fp32 master weights and
+    both Adam moments (experts compared expert by expert), each parameter group's hyperparameters (two groups with
+    their own learning rate and weight decay), Adam's step, the step count and the schedule are identical at every
+    stop. In bf16 that is the whole state DeepSpeed trains from (its bf16 weights are cast from the fp32 master)."""
+    saved = worker(2, checkpoint8, tmp_path / "first", "--mode", "save", "--save-at", 2, *options)
+    assert saved.returncode == 0 and len(saved.reports) == 2, saved
+    there = worker(4, checkpoint8, tmp_path / "first", "--mode", "resume", "--save-to", tmp_path / "back", *options)
+    assert len(there.reports) == 4 and all(r["raised"] is None for r in there.reports), there
+    back = worker(2, checkpoint8, tmp_path / "back", "--mode", "resume", *options)
+    assert len(back.reports) == 2 and all(r["raised"] is None for r in back.reports), back
+    original = merged_state([report["saves"][-1]["state"] for report in saved.reports])
+    assert len(original["groups"]) == (2 if "--param-groups" in options else 1)
+    assert merged_state([report["state"] for report in there.reports]) == original
+    assert merged_state([report["state"] for report in back.reports]) == original
+
+
 @pytest.fixture
 def saved(checkpoint8, tmp_path):
     """A checkpoint of 2 steps on 2 ranks (dp=1 x ep=2): its directory and what each rank reported at the save."""
@@ -269,6 +299,26 @@ def test_trainer_resumes_on_another_layout(checkpoint8, tmp_path):
         assert len(report["losses"]) == len(wanted), report
         assert max(abs(a - b) for a, b in zip(report["losses"], wanted)) <= 1e-4, (report["losses"], wanted)
     assert_same_model(tmp_path / "resumed" / "final", tmp_path / "reference-resumed" / "final", tolerance=1e-5)
+
+
+@pytest.mark.distributed
+def test_a_trainer_checkpoint_folder_appears_only_when_complete(checkpoint8, tmp_path):
+    """Rank 1 is SIGKILLed inside the Trainer's save of checkpoint-4 (after its DeepSpeed files): checkpoint-2 is
+    there and whole, checkpoint-4 is not (only a hidden staging folder), so `resume_from_checkpoint=True`
+    (`get_last_checkpoint`) picks checkpoint-2, and resuming it gives the uninterrupted run's last steps."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    script = HERE / "worker_trainer_save.py"
+    killed = run_job(torchrun(2, script, checkpoint8, tmp_path / "ep", "{json}", "--kill-at-checkpoint", 4), nproc=2,
+                     cwd=REPO)
+    assert killed.returncode != 0, killed
+    names = os.listdir(tmp_path / "ep")
+    assert "checkpoint-2" in names and "checkpoint-4" not in names, names
+    assert any(name.startswith(".checkpoint-4.incoming-") for name in names), names
+    assert get_last_checkpoint(str(tmp_path / "ep")) == str(tmp_path / "ep" / "checkpoint-2")
+    resumed = run_job(torchrun(2, script, checkpoint8, tmp_path / "resumed", "{json}", "--resume-from",
+                               get_last_checkpoint(str(tmp_path / "ep"))), nproc=2, cwd=REPO)
+    assert resumed.returncode == 0 and all(len(report["losses"]) == 4 for report in resumed.reports), resumed
 
 
 @pytest.mark.distributed

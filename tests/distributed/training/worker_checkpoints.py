@@ -5,8 +5,8 @@
 - save: train --steps steps and save (default tag, or --tag) after each step in --save-at; this rank's state
   fingerprint and the loss on a fixed batch are reported before every save. --kill POINT on --victim makes that rank
   SIGKILL itself at POINT of the last save (fault injection: what a dead rank leaves behind).
-- resume: load_checkpoint (optionally --tag, --module-only), report the fingerprint, the step and the fixed-batch loss,
-  or the error raised.
+- resume: load_checkpoint (optionally --tag, --module-only), report the fingerprint, the whole state, the step and the
+  fixed-batch loss, or the error raised; --save-to saves it again there.
 - cases: after two saves, every way of calling load_checkpoint / save_checkpoint wrongly; each error is reported.
 """
 
@@ -195,6 +195,8 @@ def resume_mode(args, engine, layout, report) -> None:
     if result["raised"] is None:
         report.update(step=engine.global_steps, fingerprint=fingerprint(engine), loss=fixed_batch_loss(engine),
                       state=full_state(engine, layout))
+        if args.save_to:  # the resumed state, saved again in this layout (a round trip's way back)
+            engine.save_checkpoint(args.save_to)
         if args.train_after:  # the next step trains from the resumed state
             report["next_loss"] = train_step(engine, engine.global_steps)
 
@@ -277,6 +279,7 @@ def main() -> None:
     parser.add_argument("--module-only", action="store_true")
     parser.add_argument("--train-after", action="store_true")
     parser.add_argument("--param-groups", type=int, choices=(1, 2), default=1)
+    parser.add_argument("--save-to", default=None)
     parser.add_argument("--bf16", action="store_true")
     args = parser.parse_args()
 

@@ -2,7 +2,8 @@
 reference when run without a launcher (`--reference`).
 
     worker_trainer_save.py <checkpoint> <output_dir> <report.json> [--stage S] [--trainer ep|plain]
-                           [--save-only-model] [--resume-from DIR] [--reference]
+                           [--save-only-model] [--resume-from DIR] [--reference] [--data-world N]
+                           [--kill-at-checkpoint STEP]
 
 Trains STEPS steps with `save_steps=2` (checkpoints at steps 2 and 4) and then `trainer.save_model(output_dir +
 "/final")`. "ep" is `ep_ds_shim.EPTrainer`; "plain" is transformers' own Trainer with `train()` inside
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 
@@ -87,6 +89,8 @@ def main() -> None:
     parser.add_argument("--resume-from")
     parser.add_argument("--reference", action="store_true")
     parser.add_argument("--world", type=int, default=2, help="with --reference: the ranks whose batches it trains on")
+    parser.add_argument("--kill-at-checkpoint", type=int, default=None,
+                        help="rank 1 SIGKILLs itself inside the Trainer's save of this step's checkpoint")
     parser.add_argument("--data-world", type=int, default=None,
                         help="the dataset holds this many ranks' batches per step (default: the job's world)")
     args = parser.parse_args()
@@ -124,6 +128,15 @@ def main() -> None:
         # accelerate reports one process for DeepSpeed on CPU; every batch has the same token count, so letting the
         # model average its own tokens (DeepSpeed then averages over ranks) is exact (see train_trainer.py)
         trainer.model_accepts_loss_kwargs = False
+        if args.kill_at_checkpoint and rank == 1:  # dies in that checkpoint, after its DeepSpeed files
+            original_rng_save = trainer._save_rng_state
+
+            def save_rng_state(output_dir):
+                if trainer.state.global_step == args.kill_at_checkpoint:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return original_rng_save(output_dir)
+
+            trainer._save_rng_state = save_rng_state
         if args.trainer == "ep":
             trainer.train(resume_from_checkpoint=args.resume_from)
         else:
