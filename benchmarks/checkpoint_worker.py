@@ -5,8 +5,8 @@
 
 modes:
   save     EP load under ZeRO-3, ep_ds_shim.initialize with AdamW, one training step (Adam's moments exist), then
-           engine.save_checkpoint(dir): seconds and peak RSS of the save (DeepSpeed's writes, flushing and digesting
-           every file, the record, the swap).
+           DeepSpeed's own save_checkpoint (the baseline) and engine.save_checkpoint(dir), twice each in ABBA order:
+           seconds and peak RSS of each (the latter adds flushing and digesting every file, the record, the swap).
   resume   EP load, initialize, then the resume of dir's latest checkpoint: in the layout that wrote it, DeepSpeed's
            own load after each rank checks its files (the baseline); in another layout, the conversion to DeepSpeed's
            universal format timed on its own (every rank converts a share), then load_checkpoint (it finds the
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -74,7 +75,18 @@ def main() -> None:
     if args.mode == "save":
         report["loss"] = train_step()
         common.release_memory()
-        common.measure(report, "save", lambda: engine.save_checkpoint(args.directory), dist.barrier)
+        # the baseline: DeepSpeed's own save_checkpoint of the same state (no staging, digests, record or swap), in
+        # ABBA order (the first save of a job meets another page-cache state than the next); the extra copies go
+        deepspeed_save = lambda directory: type(engine).save_checkpoint(engine, directory)  # noqa: E731
+        order = [("deepspeed_save", deepspeed_save, "-deepspeed-1"), ("save", engine.save_checkpoint, ""),
+                 ("save_again", engine.save_checkpoint, "-again"), ("deepspeed_save_again", deepspeed_save, "-deepspeed-2")]
+        for name, save, suffix in order:
+            directory = args.directory.rstrip("/") + suffix
+            common.release_memory()
+            common.measure(report, name, lambda: save(directory), dist.barrier)
+            dist.barrier()
+            if suffix and rank == 0:
+                shutil.rmtree(directory, ignore_errors=True)
         if rank == 0:
             report["checkpoint_bytes"] = tree_bytes(os.path.join(args.directory, f"global_step{engine.global_steps}"))
     else:

@@ -2,8 +2,8 @@
 
 Small files (the record, `latest`) are written to a temporary sibling, flushed to disk and renamed over the target.
 A checkpoint directory is written whole under a hidden staging name and then put in place: renamed when the target
-does not exist, or exchanged with it in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`, ext4, xfs, btrfs, tmpfs,
-overlayfs; anywhere else two renames, whose gap `load` reports with both copies named).
+does not exist, or exchanged with it in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`, on file systems that
+support it: ext4, xfs, btrfs, tmpfs; anywhere else two renames, whose gap a resume reports with both copies named).
 """
 
 from __future__ import annotations
