@@ -50,6 +50,9 @@ def full_state(engine, layout) -> dict:
 
     from ep_ds_shim.experts import is_expert_parameter_name
 
+    def digest(tensor) -> str:  # no Adam state yet (a fresh engine, weights-only load): "none"
+        return "none" if tensor is None else hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
+
     out = {}
     for name, param in engine.module.named_parameters():
         states = {"fp32": safe_get_full_fp32_param(param), "exp_avg": safe_get_full_optimizer_state(param, "exp_avg"),
@@ -58,11 +61,9 @@ def full_state(engine, layout) -> dict:
             rows = states["fp32"].shape[0]
             for row in range(rows):
                 out[f"{name}#{layout.ep_rank * rows + row}"] = {
-                    key: hashlib.sha256(value[row].contiguous().numpy().tobytes()).hexdigest()
-                    for key, value in states.items()}
+                    key: digest(None if value is None else value[row]) for key, value in states.items()}
         else:
-            out[name] = {key: hashlib.sha256(value.contiguous().numpy().tobytes()).hexdigest()
-                         for key, value in states.items()}
+            out[name] = {key: digest(value) for key, value in states.items()}
     zero = engine.optimizer
     groups = [{key: (list(value) if isinstance(value, tuple) else value) for key, value in group.items()
                if key != "params" and isinstance(value, (int, float, str, bool, tuple, type(None)))}
