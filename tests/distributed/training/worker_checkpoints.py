@@ -50,13 +50,19 @@ def full_state(engine, layout) -> dict:
 
     from ep_ds_shim.experts import is_expert_parameter_name
 
-    def digest(tensor) -> str:  # no Adam state yet (a fresh engine, weights-only load): "none"
+    def moment(param, key):
+        try:
+            return safe_get_full_optimizer_state(param, key)
+        except KeyError:  # no Adam state yet (a fresh engine, a weights-only load)
+            return None
+
+    def digest(tensor) -> str:
         return "none" if tensor is None else hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
 
     out = {}
     for name, param in engine.module.named_parameters():
-        states = {"fp32": safe_get_full_fp32_param(param), "exp_avg": safe_get_full_optimizer_state(param, "exp_avg"),
-                  "exp_avg_sq": safe_get_full_optimizer_state(param, "exp_avg_sq")}
+        states = {"fp32": safe_get_full_fp32_param(param), "exp_avg": moment(param, "exp_avg"),
+                  "exp_avg_sq": moment(param, "exp_avg_sq")}
         if is_expert_parameter_name(name):
             rows = states["fp32"].shape[0]
             for row in range(rows):
