@@ -338,5 +338,6 @@ def another_layout(args, path: str, work: str) -> int:
                        "checkpoint": run["checkpoint"], "ok": ok}, handle, indent=1)
     return 0 if ok else 1
 
+
 if __name__ == "__main__":
     sys.exit(main())
