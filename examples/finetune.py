@@ -4,8 +4,8 @@ reload the export in a plain single process and compare it with a single-process
     python examples/finetune.py                          # 2 ranks (ep=2), fp32, 4 + 4 steps
     python examples/finetune.py --nproc 4 --ep-size 2    # dp=2 x ep=2
     python examples/finetune.py --bf16 --grad-accum 2    # DeepSpeed bf16 (compared with a single-process bf16 run)
-    python examples/finetune.py --resume-nproc 4         # checkpoint on 2 ranks, resume on 4 (dp=2 x ep=2)
-    python examples/finetune.py --resume-ep-size 1 --resume-nproc 1   # ... or on 1 rank
+    python examples/finetune.py --resume-nproc 4         # checkpoint on 2 ranks (ep=2), resume on 4 (ep=4)
+    python examples/finetune.py --ep-size 2 --resume-nproc 4   # ... or on 4 ranks, dp=2 x ep=2
     ./run.sh finetune                                    # the same as the first line
 
 With no --model-dir it builds a tiny random MoE checkpoint under build/examples (no hub access). The driver runs
