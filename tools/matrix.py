@@ -98,7 +98,8 @@ def python(code: str, env: dict | None = None) -> str:
 
 def prepare_row(release: str, env: dict) -> tuple[list[str], dict[str, str]]:
     """In the row's environment (one interpreter): which candidate model types have an EP plan and a head, and their
-    tiny checkpoints."""
+    tiny checkpoints (`build_tiny_checkpoint`: the fixed preset of a text family, the shrunk default of the multimodal
+    one)."""
     code = f"""
 import json
 from ep_ds_shim.testing import tiny_models
@@ -109,7 +110,7 @@ paths = {{}}
 for t in chosen:
     if plans[t]:
         path = {str(REPO / "build" / "ckpt" / release)!r} + "/" + t
-        tiny_models.build_tiny_model(path, t)
+        tiny_models.build_tiny_checkpoint(path, t)
         paths[t] = path
 print(json.dumps({{"chosen": chosen, "paths": paths}}))
 """

@@ -23,21 +23,25 @@ One module per job:
       rope.py         rope sections fitted to the tiny head dims
       overrides.py    the few per-family settings that cannot be derived, each with its reason
     inputs.py       forward inputs (`sample_inputs`): text, and images in the layout the release's model takes
-    checkpoint.py   the checkpoint (`build_tiny_model`): built once under a file lock with a stamp, seeded
-                    redraw, reload check; `build_shrunk_model` for a given config
+    checkpoint.py   the one checkpoint builder (`build_checkpoint`): built once under a file lock with a stamp,
+                    seeded redraw, reload check; `build_tiny_model` (a shrunk config), `build_shrunk_model` (a given
+                    config shrunk)
       hub_layout.py   expert tensors saved in the released layout where a release's loader needs it
-    presets.py      the fixed tiny MoE checkpoints (`build_tiny_moe`, `tiny_config_kwargs`): thin calls on the above
+    presets.py      the fixed tiny MoE checkpoints (`build_tiny_moe`, their configs `tiny_config_kwargs`): thin calls
+                    on `build_checkpoint`; `build_tiny_checkpoint`, the preset of a family if it has one, else
+                    `build_tiny_model`
 """
 
-from .checkpoint import build_shrunk_model, build_tiny_model, built_once, expert_count, redraw
+from .checkpoint import build_checkpoint, build_shrunk_model, build_tiny_model, built_once, expert_count, redraw
 from .families import ep_model_types, has_ep_plan, is_multimodal, model_class_for
 from .inputs import IMAGE_FALLBACKS, sample_inputs
 from .knobs import SIZES
-from .presets import MODEL_TYPES, build_tiny_moe, tiny_config_kwargs
+from .presets import MODEL_TYPES, build_tiny_checkpoint, build_tiny_moe, tiny_config_kwargs
 from .shrink import routing_of, tiny_config
 
 __all__ = [
-    "IMAGE_FALLBACKS", "MODEL_TYPES", "SIZES", "build_shrunk_model", "build_tiny_model", "build_tiny_moe", "built_once",
+    "IMAGE_FALLBACKS", "MODEL_TYPES", "SIZES", "build_checkpoint", "build_shrunk_model", "build_tiny_checkpoint",
+    "build_tiny_model", "build_tiny_moe", "built_once",
     "ep_model_types", "expert_count", "has_ep_plan", "is_multimodal", "model_class_for", "redraw", "routing_of",
     "sample_inputs", "tiny_config", "tiny_config_kwargs",
 ]

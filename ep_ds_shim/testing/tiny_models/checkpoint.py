@@ -27,14 +27,23 @@ def build_tiny_model(path: str | os.PathLike, model_type: str, *, seed: int = 0,
     """Build (once) and save a tiny random checkpoint of `model_type` at `path`; return the path.
 
     `sizes` are `tiny_config`'s (defaults: `SIZES`); `base` shrinks a given config instead of the family's default.
-    Rebuilt when the transformers release, type, seed, sizes or the tiny config itself differ from the stamp in
-    `path` (`built_once`). After saving, a single-process `from_pretrained` must reload it identically, else it raises.
+    """
+    return build_checkpoint(path, model_type, tiny_config(model_type, base=base, **sizes), seed=seed, sizes=sizes)
+
+
+def build_checkpoint(path: str | os.PathLike, model_type: str, config: PreTrainedConfig, *, seed: int = 0,
+                     sizes: dict | None = None) -> Path:
+    """The one tiny-checkpoint builder: a random model of `config` (seeded, `redraw`) saved at `path` by the installed
+    release; return the path. `build_tiny_model` (a shrunk config) and the fixed presets (`presets`) are calls on it.
+
+    Rebuilt when the transformers release, type, seed, `sizes` (the caller's size arguments) or the config itself
+    differ from the stamp in `path` (`built_once`). After saving, a single-process `from_pretrained` must reload it
+    identically, else it raises.
     """
     # The config's own digest too: a change of the shrinking rules (or of the release's defaults) rebuilds.
-    config = tiny_config(model_type, base=base, **sizes)
     digest = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()
     stamp = {"transformers": transformers.__version__, "model_type": model_type, "seed": seed, "config": digest[:16],
-             **sizes}
+             **(sizes or {})}
     return built_once(path, stamp, lambda: _build(Path(path), model_type, seed, config))
 
 

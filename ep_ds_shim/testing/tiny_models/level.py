@@ -21,9 +21,8 @@ class Context:
     """What the levels of one config share: the sizes asked for, the special token ids' new places, and the
     released widths already shrunk (text / vision hidden sizes), which other levels' widths refer to."""
 
-    def __init__(self, sizes: dict, tree: dict, *, exact_top_k: bool = False):
+    def __init__(self, sizes: dict, tree: dict):
         self.sizes = sizes
-        self.exact_top_k = exact_top_k  # else the family's experts per token, at most sizes["top_k"]
         ids = token_ids(tree)
         vocab = sizes["vocab_size"]
         if len(ids) > vocab // 4:
@@ -141,7 +140,7 @@ class Level:
                 return s["num_experts"] if self.role == "text" else None
             return s["num_experts"] if value >= 1 else value  # 0: MoE off in a dense variant
         if TOPK_KEY.search(canon) or TOPK_KEY.search(key):
-            return s["top_k"] if value is None or self.ctx.exact_top_k else min(value, s["top_k"])
+            return s["top_k"] if value is None else min(value, s["top_k"])
         if matches(SHARED_COUNT_KEY, canon, key):
             return min(value, 1)
         if matches(GROUP_KEY, canon, key):
@@ -214,10 +213,6 @@ class Level:
             return min(value, MAX_POSITIONS)
         if lowered == "max_image_size":
             return min(value, 4 * VISION["image_size"])
-        if self.role == "text" and ("intermediate" in lowered or "ffn" in lowered):
-            # an expert / MLP width is the expert size asked for, also where the released one happens to equal the
-            # hidden size (gpt_oss, olmoe), which would otherwise make it follow the hidden size
-            return min(value, self.inter) if value > 0 else value
         if value in self.ctx.anchors and ("size" in lowered or "dim" in lowered or "hidden" in lowered):
             return self.ctx.anchors[value]
         if any(w in lowered for w in ("intermediate", "ffn", "mlp_dim", "expert_dim", "moe_hidden", "shared_expert",

@@ -14,15 +14,12 @@ from .level import Context, Level
 from .overrides import apply_overrides
 
 
-def tiny_config(model_type: str, *, num_experts: int = SIZES["num_experts"], top_k: int | None = None,
+def tiny_config(model_type: str, *, num_experts: int = SIZES["num_experts"], top_k: int = SIZES["top_k"],
                 hidden_size: int = SIZES["hidden_size"], num_layers: int = SIZES["num_layers"],
                 expert_size: int = SIZES["expert_size"], vocab_size: int = SIZES["vocab_size"],
                 base: PreTrainedConfig | None = None):
     """A tiny config of `model_type`: its `AutoConfig.for_model` defaults (or `base`, e.g. a user's own config) with
-    every size knob shrunk. Experts per token: `top_k` when given, else the family's own, at most ``SIZES["top_k"]``
-    (a top-1 family stays top-1)."""
-    exact_top_k = top_k is not None
-    top_k = top_k if exact_top_k else SIZES["top_k"]
+    every size knob shrunk. Experts per token: the family's own, at most `top_k` (a top-1 family stays top-1)."""
     sizes = dict(num_experts=num_experts, top_k=top_k, hidden_size=hidden_size, num_layers=num_layers,
                  expert_size=expert_size, vocab_size=vocab_size)
     if top_k > num_experts:
@@ -35,7 +32,7 @@ def tiny_config(model_type: str, *, num_experts: int = SIZES["num_experts"], top
             default = AutoConfig.for_model(model_type)
             _add_optional_vision(default)
         tree = default.to_dict()
-        shrunk = _shrink_tree(tree, default, Context(sizes, tree, exact_top_k=exact_top_k), text_config(default))
+        shrunk = _shrink_tree(tree, default, Context(sizes, tree), text_config(default))
         apply_overrides(shrunk, model_type, num_layers)
         for key in ("transformers_version", "architectures", "_name_or_path"):
             shrunk.pop(key, None)

@@ -1,5 +1,6 @@
 """The tiny checkpoint (ep_ds_shim/testing/tiny_models: checkpoint, presets, inputs): built once per stamp, seeded and
-deterministic, the fixed presets thin calls on the one builder, inputs outside the special token ids."""
+deterministic, the fixed presets (their own configs) thin calls on the one builder, inputs outside the special token
+ids."""
 
 from __future__ import annotations
 
@@ -29,22 +30,40 @@ def same(a: dict, b: dict) -> bool:
 def test_presets_are_the_one_builder(tmp_path):
     sizes = dict(num_experts=3, vocab_size=64)
     preset = testing.build_tiny_moe(tmp_path / "preset", "qwen3_moe", seed=5, **sizes)
-    builder = tiny_models.build_tiny_model(tmp_path / "builder", "qwen3_moe", seed=5, **sizes)
+    config = AutoConfig.for_model("qwen3_moe", **testing.tiny_config_kwargs("qwen3_moe", **sizes))
+    builder = tiny_models.build_checkpoint(tmp_path / "builder", "qwen3_moe", config, seed=5, sizes=sizes)
     stamp = "ep_ds_shim_stamp.json"
     assert json.loads((preset / stamp).read_text()) == json.loads((builder / stamp).read_text())
     assert same(tensors(preset), tensors(builder))
-    config = AutoConfig.from_pretrained(preset)
-    assert (config.num_experts, config.vocab_size, config.hidden_size) == (3, 64, tiny_models.SIZES["hidden_size"])
+    shrunk = tiny_models.build_tiny_model(tmp_path / "shrunk", "qwen3_moe", seed=5, **sizes)
+    assert json.loads((shrunk / stamp).read_text()).keys() == json.loads((preset / stamp).read_text()).keys()
 
 
 @pytest.mark.parametrize("model_type", testing.MODEL_TYPES)
-def test_preset_kwargs_describe_the_preset_config(model_type):
+def test_a_preset_is_its_fixed_config(tmp_path, model_type):
+    """The presets keep their hand-written configs (checkpoints as before the builders were merged), not the shrunk
+    default config of the family (`tiny_config`), which differs for every one of them."""
     sizes = dict(num_experts=8, hidden_size=64, top_k=1)
+    kwargs = testing.tiny_config_kwargs(model_type, **sizes)
+    saved = AutoConfig.from_pretrained(testing.build_tiny_moe(tmp_path, model_type, **sizes))
+    assert {key: getattr(saved, key) for key in kwargs} == kwargs  # (attribute_map: however the family spells it)
+    assert tiny_models.routing_of(saved) == {"num_experts": 8, "top_k": 1}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rebuilt = AutoConfig.for_model(model_type, **testing.tiny_config_kwargs(model_type, **sizes))
-    assert rebuilt.to_dict() == tiny_models.tiny_config(model_type, **sizes).to_dict()
-    assert tiny_models.routing_of(rebuilt) == {"num_experts": 8, "top_k": 1}
+        shrunk = tiny_models.tiny_config(model_type, **sizes).to_dict()
+    assert any(shrunk.get(key, getattr(saved, key)) != value for key, value in kwargs.items())
+
+
+def test_the_project_checkpoint_is_the_preset_or_the_shrunk_default(tmp_path):
+    """`build_tiny_checkpoint` (the matrix's): the preset of a family that has one, else `build_tiny_model`."""
+    stamp = "ep_ds_shim_stamp.json"
+    for model_type, builder in (("mixtral", testing.build_tiny_moe), ("qwen3_vl_moe", tiny_models.build_tiny_model)):
+        if not tiny_models.has_ep_plan(model_type):
+            continue
+        ours = tiny_models.build_tiny_checkpoint(tmp_path / model_type, model_type)
+        theirs = builder(tmp_path / f"{model_type}-direct", model_type)
+        assert json.loads((ours / stamp).read_text()) == json.loads((theirs / stamp).read_text())
+        assert same(tensors(ours), tensors(theirs))
 
 
 def test_a_preset_of_an_unknown_family_names_the_known_ones_and_the_builder(tmp_path):
