@@ -98,10 +98,11 @@ def python(code: str, env: dict | None = None) -> str:
 
 def prepare_row(release: str, env: dict) -> tuple[list[str], dict[str, str]]:
     """In the row's environment (one interpreter): which candidate model types have an EP plan and a head, and their
-    tiny checkpoints (the fixed ones of the text families; the generic tiny model of the multimodal one)."""
+    tiny checkpoints (`build_tiny_checkpoint`: the fixed preset of a text family, the shrunk default of the multimodal
+    one)."""
     code = f"""
 import json
-from ep_ds_shim.testing import build_tiny_moe, tiny_models
+from ep_ds_shim.testing import tiny_models
 plans = {{t: tiny_models.has_ep_plan(t) for t in {[*MODEL_TYPES, *THIRD_MODEL_TYPE, MULTIMODAL]!r}}}
 chosen = {MODEL_TYPES!r} + [next((t for t in {THIRD_MODEL_TYPE!r} if plans[t]), {THIRD_MODEL_TYPE[0]!r})]
 chosen += [{MULTIMODAL!r}] if plans[{MULTIMODAL!r}] else []
@@ -109,7 +110,7 @@ paths = {{}}
 for t in chosen:
     if plans[t]:
         path = {str(REPO / "build" / "ckpt" / release)!r} + "/" + t
-        (tiny_models.build_tiny_model if t == {MULTIMODAL!r} else build_tiny_moe)(path, t)
+        tiny_models.build_tiny_checkpoint(path, t)
         paths[t] = path
 print(json.dumps({{"chosen": chosen, "paths": paths}}))
 """
