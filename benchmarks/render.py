@@ -736,6 +736,7 @@ HEADINGS = {
     "growth": "### 2-3. Realistic size and cost growth",
     "profile": "### Profile (where the shim's own time goes)",
     "ratio": "### 4. The shim's load vs the EP-only load",
+    "resume": "### 6. Checkpoints: save, and resume in another layout",
     "overhead": "### Block overhead (in process)",
 }
 MEASURED_BY = "Measured by: "
@@ -796,7 +797,7 @@ def markdown(results: dict, previous: str = "") -> str:
     if "resume" in sections:
         from render_resume import resume_lines
 
-        lines += ["### 5. Checkpoints: save, and resume in another layout", ""]
+        lines += [HEADINGS["resume"], "", measured_by(results), ""]
         lines += resume_lines(sections["resume"])
     if "profile" in sections:
         lines += [HEADINGS["profile"], "", measured_by(results), ""]

@@ -1,4 +1,4 @@
-"""Table 5 of benchmarks/results.md: checkpoints of an EP engine, saved on 2 ranks and resumed in the same layout
+"""Table 6 of benchmarks/results.md: checkpoints of an EP engine, saved on 2 ranks and resumed in the same layout
 (DeepSpeed's own load, the baseline) and on 4 ranks (the conversion to DeepSpeed's universal format + its load)."""
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ benchmarks/results.md with the command and date, and to build/bench/results.json
    state for every load) and the heap returned to the OS; jobs alternate which variant comes first; pairs are
    added until the 95% confidence interval of the median ratio is narrower than --precision or the time budget
    is spent. Cross-check: the shim's own time, timed directly around its wrappers and post-load work.
-5. checkpoints (section "resume"): save_checkpoint on 2 ranks (ep=2), the resume in the same layout (DeepSpeed's own
+6. checkpoints (section "resume"): save_checkpoint on 2 ranks (ep=2), the resume in the same layout (DeepSpeed's own
    load: the baseline) and on 4 ranks (dp=2 x ep=2: the conversion to DeepSpeed's universal format, timed on its
    own, then the universal load): seconds, peak RSS per rank and bytes on disk, over model sizes.
 
@@ -378,7 +378,7 @@ print(json.dumps(dict(enter_exit_install_us=enter_exit_cold * 1e6, enter_exit_in
         return out
 
     def resume(self) -> dict:
-        """Table 5: save_checkpoint, the resume in the same layout, and in another one (conversion + universal load)."""
+        """Table 6: save_checkpoint, the resume in the same layout, and in another one (conversion + universal load)."""
         out = {"configs": []}
         directory = OUT / "checkpoint-tmp"
         for size in self.plan["resume"]:
