@@ -36,7 +36,7 @@ _PUBLIC = {
     **{name: "ep_ds_shim.errors" for name in (
         "EpShimError", "UnsupportedReleaseError", "TargetDriftError", "EPRequestError", "DeepSpeedGroupsError",
         "ExpertIntegrityError", "RestoreError", "ScopeError", "RankDisagreementError", "CollectiveTimeoutError",
-        "IncompleteSaveError", "CheckpointLayoutError",
+        "RankExitedError", "ExportError", "IncompleteSaveError", "CheckpointLayoutError",
     )},
 }
 
@@ -64,8 +64,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names above are
         EPRequestError,
         EpShimError,
         ExpertIntegrityError,
+        ExportError,
         IncompleteSaveError,
         RankDisagreementError,
+        RankExitedError,
         RestoreError,
         ScopeError,
         TargetDriftError,
