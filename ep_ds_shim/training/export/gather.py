@@ -3,8 +3,8 @@ in the same order.
 
 - ZeRO-3 partitions: DeepSpeed's own `GatheredParameters` over the parameter's partition group (every rank for a
   dense weight, the expert-data-parallel group for an expert shard).
-- Expert shards held as plain local tensors: `dist.gather` over the EP group that holds the writer, straight into
-  the rows of one preallocated whole tensor (no concatenation copy); the other EP groups do not take part.
+- Expert shards held as plain local tensors: sent point to point within the EP group that holds the writer,
+  straight into their rows of one preallocated whole tensor; the other EP groups do not take part.
 - DTensors (the model as transformers returned it): `full_tensor()`, the DTensor's own mesh collective.
 
 The writer keeps the result on the host: on CPU the gathered buffer itself (DeepSpeed releases a gathered
@@ -49,14 +49,22 @@ def fetch(tensor, entry: Entry, *, writer: int, record: EPModelRecord) -> torch.
 
 
 def _gather_experts(local: torch.Tensor, writer: int, record: EPModelRecord) -> torch.Tensor:
-    """Every EP rank's rows of one expert tensor, in EP-rank order, on `writer`; ranks of other EP groups skip it."""
+    """Every EP rank's rows of one expert tensor, in EP-rank order, on `writer`; ranks of other EP groups skip it.
+
+    Point to point, each peer's rows received straight into their place in the whole tensor: a `dist.gather`
+    (gloo) would stage the whole tensor once more in a flat buffer of its own."""
     if writer not in record.ep_ranks:
         return local
     local = local.contiguous()
+    group = record.ep_group()
     if dist.get_rank() != writer:
-        dist.gather(local, None, dst=writer, group=record.ep_group())
+        dist.send(local, dst=writer, group=group)
         return local
     whole = torch.empty((local.shape[0] * len(record.ep_ranks), *local.shape[1:]), dtype=local.dtype,
                         device=local.device)
-    dist.gather(local, list(whole.chunk(len(record.ep_ranks))), dst=writer, group=record.ep_group())
+    rows = dict(zip(record.ep_ranks, whole.chunk(len(record.ep_ranks))))  # EP rank order = the experts' order
+    receiving = [dist.irecv(rows[peer], src=peer, group=group) for peer in record.ep_ranks if peer != writer]
+    rows[writer].copy_(local)
+    for work in receiving:
+        work.wait()
     return whole

@@ -19,6 +19,7 @@ Every rank, in order (docs/saving.md):
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import torch.distributed as dist
@@ -188,6 +189,9 @@ def _stream(model, record, plan, directory: str, *, width: int, save_original_fo
                     value = gather.fetch(tensors[name], plan.entries[name], writer=shard.writer, record=record)
                     if value is not None:
                         held[name] = value
+                    del value
+                    if plan.entries[name].nbytes >= _TRIM_AFTER:
+                        return_freed_memory()  # what gathering it staged (and, elsewhere, the tensor itself)
             if shard.writer == rank:
                 mine = (shard, held)
             del held
@@ -200,7 +204,21 @@ def _stream(model, record, plan, directory: str, *, width: int, save_original_fo
                 except Exception as failure:  # noqa: BLE001 - reported to every rank after the gathers
                     error = f"rank {rank} writing {shard.filename}: {type(failure).__name__}: {failure}"
             held.clear()
+        return_freed_memory()
     return error
+
+
+_TRIM_AFTER = 1 << 20  # bytes: smaller tensors leave too little behind to matter
+
+
+def return_freed_memory() -> None:
+    """Hand the heap the last round freed back to the OS. glibc raises its mmap threshold after large frees, so
+    later shard-sized buffers come from the heap, whose freed pages it keeps: without this, a writer's resident
+    memory creeps up round after round (measured: +4 MB per 8 MB expert tensor) although it holds one shard."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: its allocator's own policy applies
+        pass
 
 
 def _finish(staging, plan) -> str | None:

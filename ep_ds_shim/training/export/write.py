@@ -15,12 +15,17 @@ from .plan import ExportPlan, Shard, Spec
 
 
 def write_shard(model, shard: Shard, tensors: dict, directory: str, *, save_original_format: bool) -> None:
-    """Write `shard` from `tensors` (its entries, whole); empties `tensors`, so the caller holds no reference."""
+    """Write `shard` from `tensors` (its entries, whole); empties `tensors`, so the caller holds no reference. The
+    conversion runs unit by unit (the plan checked each converts alone), each unit's sources released once it is
+    converted."""
     from safetensors.torch import save_file
     from transformers.core_model_loading import revert_weight_conversion
 
-    outputs = revert_weight_conversion(model, dict(tensors)) if save_original_format else dict(tensors)
-    tensors.clear()
+    outputs = {}
+    for unit in shard.units:  # unit by unit: a conversion that copies (a split) holds one unit twice, not the shard
+        part = {name: tensors.pop(name) for name in unit.names}
+        outputs.update(revert_weight_conversion(model, part) if save_original_format else part)
+        del part
     for key in list(outputs):
         # safetensors needs contiguous tensors; a reverted view that is not (a transpose) is copied one at a time,
         # and its source is freed as soon as its last view is replaced
