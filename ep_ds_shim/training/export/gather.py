@@ -1,20 +1,26 @@
-"""One state-dict entry, whole, on the rank that writes it. A collective: every rank calls `fetch` for every entry,
-in the same order.
+"""Bringing each state-dict entry, whole, to the rank that writes it.
 
-- ZeRO-3 partitions: DeepSpeed's own `GatheredParameters` over the parameter's partition group (every rank for a
-  dense weight, the expert-data-parallel group for an expert shard).
-- Expert shards held as plain local tensors: sent point to point within the EP group that holds the writer,
-  straight into their rows of one preallocated whole tensor; the other EP groups do not take part.
-- DTensors (the model as transformers returned it): `full_tensor()`, the DTensor's own mesh collective.
+Every rank sends what it holds of an entry straight to the entry's writer, point to point, into the place it takes
+in the writer's buffer of the whole tensor; a round's transfers all run at once (one round: one shard per writer),
+so writers receive in parallel and nobody else holds anything extra:
 
-The writer keeps the result on the host: on CPU the gathered buffer itself (DeepSpeed releases a gathered
-parameter by pointing it at an empty tensor, so the buffer lives on while the writer refers to it), on an
-accelerator one host copy. Every other rank drops what it gathered before the next entry.
+- ``zero``: a ZeRO-3 partitioned dense weight. Partition i of the parameter's partition group (every rank) holds
+  elements [i * size, (i + 1) * size) of the flattened tensor (DeepSpeed's partitioning, the layout its own
+  `zero_to_fp32` reads back); each rank sends the part of its partition that is not padding.
+- ``expert-zero``: an expert shard partitioned by ZeRO-3 over its expert-data-parallel group: the rows of EP rank e
+  are partitioned over ranks {e, e + ep, ...}; every rank sends its partition of its EP rank's rows.
+- ``expert-local``: an expert shard held whole by each rank (the model as transformers returned it, or not yet
+  given to DeepSpeed): the ranks of the writer's EP group send their rows.
+- ``whole``: every rank holds all of it (buffers, replicated weights of a model DeepSpeed has not partitioned):
+  the writer takes its own.
+- ``gathered``: what this path cannot read directly (ZeRO-3 partitions offloaded to NVMe or quantized, DTensors
+  sharded otherwise): DeepSpeed's `GatheredParameters` or the DTensor's `full_tensor()` on every rank, as the
+  previous export did (it needs twice the tensor on every rank for a moment), then as ``whole`` / ``expert-local``.
+
+The route of every entry is decided in the plan (`plan.route_of`) and agreed by every rank before anything moves.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import torch.distributed as dist
@@ -24,47 +30,107 @@ from ...errors import ExportError
 from ..record import EPModelRecord
 from .plan import Entry
 
+EXPERT_ROUTES = ("expert-zero", "expert-local")
 
-def fetch(tensor, entry: Entry, *, writer: int, record: EPModelRecord) -> torch.Tensor | None:
-    """The whole value of `entry` on global rank `writer` (on the host), None on every other rank."""
+
+def bring(items, record: EPModelRecord) -> dict[str, torch.Tensor]:
+    """`items`: (name, tensor, entry, writer, tag) of one round, the same list on every rank. Returns this rank's
+    entries as writer, whole, on the host."""
     rank = dist.get_rank()
-    gather = contextlib.nullcontext()
-    if hasattr(tensor, "ds_id"):
-        import deepspeed  # a ZeRO-3 parameter: DeepSpeed is in use
+    received, pending, sending = {}, [], []
+    for name, tensor, entry, writer, tag in items:
+        mine = None
+        if entry.route == "gathered":
+            _wait(pending)  # a collective comes after the transfers already posted, on every rank alike
+            mine = _collectively_gathered(tensor, entry)
+            if not entry.expert_shard:
+                if rank == writer:
+                    received[name] = mine
+                continue
+        elif entry.route == "whole":
+            if rank == writer:
+                received[name] = _local(tensor)
+            continue
+        pieces = _pieces(entry, tensor, record, writer)
+        if rank == writer:
+            whole = torch.empty(entry.numel, dtype=entry.dtype, device=_device(tensor))
+            for source, offset, length in pieces:
+                into = whole.narrow(0, offset, length)
+                if source == rank:
+                    into.copy_(_own_piece(entry, tensor, length, mine))
+                else:
+                    pending.append(dist.irecv(into, src=source, tag=tag))
+            received[name] = whole.view(entry.shape)
+        else:
+            for source, _, length in pieces:
+                if source == rank:
+                    piece = _own_piece(entry, tensor, length, mine)
+                    sending.append(piece)  # alive until sent
+                    pending.append(dist.isend(piece, dst=writer, tag=tag))
+    _wait(pending)
+    sending.clear()
+    return {name: value.cpu() for name, value in received.items()}
 
-        gather = deepspeed.zero.GatheredParameters([tensor], modifier_rank=None)
-    with gather:
+
+def _wait(pending: list) -> None:
+    for work in pending:
+        work.wait()
+    pending.clear()
+
+
+def _device(tensor) -> torch.device:
+    """Where the pieces travel: the partition's device (the accelerator; CPU with gloo)."""
+    source = getattr(tensor, "ds_tensor", None)
+    source = tensor.to_local() if isinstance(tensor, DTensor) else (source if source is not None else tensor)
+    return source.device
+
+
+def _local(tensor) -> torch.Tensor:
+    value = tensor.detach()
+    return value.to_local() if isinstance(value, DTensor) else value
+
+
+def _pieces(entry: Entry, tensor, record: EPModelRecord, writer: int) -> list[tuple[int, int, int]]:
+    """(source rank, offset in the flattened whole tensor, length) of every piece of `entry`."""
+    ep = len(record.ep_ranks)
+    if entry.route == "zero":
+        size = tensor.ds_tensor.ds_numel
+        return [(source, i * size, n) for i, source in enumerate(range(dist.get_world_size()))
+                if (n := _valid(entry.numel, i, size))]
+    rows = entry.numel // ep  # elements of one EP rank's experts
+    if entry.route == "expert-zero":
+        size = tensor.ds_tensor.ds_numel
+        return [(replica * ep + e, e * rows + replica * size, n) for e in range(ep)
+                for replica in range(dist.get_world_size() // ep) if (n := _valid(rows, replica, size))]
+    first = writer - writer % ep  # the writer's EP group: ep consecutive ranks (checked by the plan)
+    return [(first + e, e * rows, rows) for e in range(ep)]
+
+
+def _valid(numel: int, index: int, size: int) -> int:
+    """How much of partition `index` (of `size` elements) is the tensor's, not padding."""
+    return max(0, min(size, numel - index * size))
+
+
+def _own_piece(entry: Entry, tensor, length: int, gathered) -> torch.Tensor:
+    if entry.route in ("zero", "expert-zero"):
+        return tensor.ds_tensor.detach().narrow(0, 0, length).to(_device(tensor))
+    source = gathered if gathered is not None else _local(tensor)
+    return source.contiguous().view(-1)
+
+
+def _collectively_gathered(tensor, entry: Entry) -> torch.Tensor:
+    """The ``gathered`` route: what every rank of the tensor's group gathers together (twice its size, briefly)."""
+    value = tensor.detach()
+    if isinstance(value, DTensor):
+        return value.full_tensor()
+    import deepspeed  # a ZeRO-3 parameter this path cannot read directly
+
+    with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
         value = tensor.detach()
-        if isinstance(value, DTensor):
-            value = value.full_tensor()
-        elif entry.expert_shard:
-            value = _gather_experts(value, writer, record)
-        value = value.cpu() if rank == writer else None
-    if value is not None and value.untyped_storage().nbytes() < value.numel() * value.element_size():
+    # DeepSpeed releases a gathered parameter by pointing it at an empty tensor: the buffer lives on while referred to
+    if value.untyped_storage().nbytes() < value.numel() * value.element_size():
         raise ExportError(
-            f"{entry.name}: the gathered tensor was released by DeepSpeed before it was written (this DeepSpeed "
-            "release frees gathered parameters in place); nothing was moved into the target directory."
+            f"{entry.name}: DeepSpeed released the gathered tensor in place before it was written (this DeepSpeed "
+            "release frees gathered parameters differently); nothing was moved into the target directory."
         )
     return value
-
-
-def _gather_experts(local: torch.Tensor, writer: int, record: EPModelRecord) -> torch.Tensor:
-    """Every EP rank's rows of one expert tensor, in EP-rank order, on `writer`; ranks of other EP groups skip it.
-
-    Point to point, each peer's rows received straight into their place in the whole tensor: a `dist.gather`
-    (gloo) would stage the whole tensor once more in a flat buffer of its own."""
-    if writer not in record.ep_ranks:
-        return local
-    local = local.contiguous()
-    group = record.ep_group()
-    if dist.get_rank() != writer:
-        dist.send(local, dst=writer, group=group)
-        return local
-    whole = torch.empty((local.shape[0] * len(record.ep_ranks), *local.shape[1:]), dtype=local.dtype,
-                        device=local.device)
-    rows = dict(zip(record.ep_ranks, whole.chunk(len(record.ep_ranks))))  # EP rank order = the experts' order
-    receiving = [dist.irecv(rows[peer], src=peer, group=group) for peer in record.ep_ranks if peer != writer]
-    rows[writer].copy_(local)
-    for work in receiving:
-        work.wait()
-    return whole

@@ -24,7 +24,9 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-from torch.distributed.tensor import DTensor
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import Shard as RowsSplit  # torch's placement (not this module's Shard: a file)
 
 from ...errors import ExportError
 from ..record import EPModelRecord
@@ -42,11 +44,16 @@ class Entry:
     name: str
     shape: tuple[int, ...]  # whole: every expert, every ZeRO-3 partition
     dtype: torch.dtype
-    expert_shard: bool  # a plain local tensor holding this rank's experts only: gathered over its EP group
+    route: str  # how it reaches its writer (`gather.py`)
+    expert_shard: bool  # once read locally, this rank holds only its EP rank's rows
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+        return self.numel * self.dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -99,7 +106,8 @@ class ExportPlan:
         """The same on every rank that holds the same model and options."""
         described = [[shard.filename, [[list(unit.names), sorted((k, list(s), str(d)) for k, (s, d) in unit.outputs.items())]
                                        for unit in shard.units]] for shard in self.shards]
-        text = json.dumps([described, self.index_name, self.total_parameters], sort_keys=True)
+        routes = [[entry.name, entry.route, entry.expert_shard] for entry in self.entries.values()]
+        text = json.dumps([described, routes, self.index_name, self.total_parameters], sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def assign_writers(self, writers: list[int]) -> None:
@@ -114,6 +122,7 @@ def build_plan(model, record: EPModelRecord, *, max_shard_size, variant: str | N
     from transformers.modeling_utils import _add_variant
     from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
+    check_consecutive_ep_groups(record)
     tensors = model.state_dict(keep_vars=True)
     entries = {name: entry_of(name, tensors[name], record) for name in saved_names(model, tensors)}
     metas = {name: torch.empty(entry.shape, dtype=entry.dtype, device="meta") for name, entry in entries.items()}
@@ -128,7 +137,7 @@ def build_plan(model, record: EPModelRecord, *, max_shard_size, variant: str | N
         filename_pattern=weights_name.replace(".safetensors", "{suffix}.safetensors"), max_shard_size=max_shard_size)
     by_first = {unit.names[0]: unit for unit in units}
     shards = [Shard(filename, tuple(by_first[key] for key in keys)) for filename, keys in split.filename_to_tensors.items()]
-    total_parameters = sum(math.prod(whole_shape(name, param, record)[0]) for name, param in model.named_parameters())
+    total_parameters = sum(math.prod(whole_shape(name, param, record)) for name, param in model.named_parameters())
     return ExportPlan(entries, shards, _add_variant(SAFE_WEIGHTS_INDEX_NAME, variant) if len(shards) > 1 else None,
                       sum(unit.nbytes for unit in units), total_parameters, notes)
 
@@ -152,19 +161,55 @@ def saved_names(model, tensors: dict) -> list[str]:
     return [name for name in tensors if name in kept]
 
 
-def whole_shape(name: str, tensor, record: EPModelRecord) -> tuple[tuple[int, ...], bool]:
-    """(the whole shape, whether this rank holds only its experts' rows as a plain local tensor)."""
+def whole_shape(name: str, tensor, record: EPModelRecord) -> tuple[int, ...]:
     if isinstance(tensor, DTensor):  # the model as transformers returned it: the DTensor knows its global shape
-        return tuple(tensor.shape), False
+        return tuple(tensor.shape)
     shape = tuple(tensor.ds_shape) if hasattr(tensor, "ds_shape") else tuple(tensor.shape)  # ZeRO-3: partitioned
     if name in record.expert_rows:
-        return (record.expert_rows[name], *shape[1:]), True
-    return shape, False
+        return (record.expert_rows[name], *shape[1:])
+    return shape
 
 
 def entry_of(name: str, tensor, record: EPModelRecord) -> Entry:
-    shape, expert_shard = whole_shape(name, tensor, record)
-    return Entry(name, shape, tensor.dtype, expert_shard)
+    route = route_of(name, tensor, record)
+    expert = name in record.expert_rows and not (isinstance(tensor, DTensor) and route == "gathered")
+    return Entry(name, whole_shape(name, tensor, record), tensor.dtype, route, expert)
+
+
+def route_of(name: str, tensor, record: EPModelRecord) -> str:
+    """How `tensor` reaches its writer (`gather.py` describes each route)."""
+    expert = name in record.expert_rows
+    if isinstance(tensor, DTensor):
+        if all(isinstance(placement, Replicate) for placement in tensor.placements):
+            return "whole"
+        if expert and tuple(tensor.placements) == (RowsSplit(0),) and tensor.device_mesh.size() == record.ep_size:
+            return "expert-local"
+        return "gathered"
+    partition = getattr(tensor, "ds_tensor", None)
+    if partition is None:
+        return "expert-local" if expert else "whole"
+    if (hasattr(partition, "ds_quant_scale") or str(getattr(partition, "final_location", None)).endswith("nvme")
+            or partition.dtype != tensor.dtype):
+        return "gathered"  # quantized or swapped-out partitions: DeepSpeed's own gather reads them
+    rank, world = dist.get_rank(), dist.get_world_size()
+    group = dist.get_process_group_ranks(tensor.ds_process_group)
+    if expert:
+        same_experts = list(range(rank % record.ep_size, world, record.ep_size))
+        return "expert-zero" if group == same_experts else "gathered"
+    return "zero" if group == list(range(world)) else "gathered"
+
+
+def check_consecutive_ep_groups(record: EPModelRecord) -> None:
+    """The expert routes send to the writer's EP group, found as the ep consecutive ranks holding it (every
+    layout the library builds is so)."""
+    rank = dist.get_rank()
+    first = rank - rank % record.ep_size
+    if tuple(record.ep_ranks) != tuple(range(first, first + record.ep_size)):
+        raise ExportError(
+            f"rank {rank}'s expert-parallel group is {list(record.ep_ranks)}, not {record.ep_size} consecutive ranks "
+            "starting at a multiple of the EP size; the export reads experts from such groups. Load with "
+            "ep_ds_shim.DPxEPLayout(ep_size).from_pretrained_kwargs(...)."
+        )
 
 
 def _specs(tensors: dict) -> dict[str, Spec]:

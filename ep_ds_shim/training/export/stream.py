@@ -19,7 +19,7 @@ Every rank, in order (docs/saving.md):
 
 from __future__ import annotations
 
-import ctypes
+import collections
 import os
 
 import torch.distributed as dist
@@ -29,6 +29,7 @@ from ...errors import EpShimError, ExportError, RankDisagreementError
 from ...log import logger
 from ..record import record_of, unwrap
 from . import gather, plan as planning, target as targets, write
+from .memory import TRIM_AFTER, return_freed_memory
 from .plan import DEFAULT_MAX_SHARD_SIZE
 from .outcome import WRITE_TIMEOUT
 from .single_process import single_process_save
@@ -170,55 +171,48 @@ def _writers(visible: dict[int, dict], target: str) -> list[int]:
 def _log_plan(plan, writers: list[int], max_shard_size) -> None:
     for note in plan.notes:
         (logger.warning if "the whole model" in note else logger.info)(f"ep_ds_shim.save_pretrained: {note}")
+    routes = collections.Counter(entry.route for entry in plan.entries.values())
     logger.info(f"ep_ds_shim.save_pretrained: {len(plan.shards)} shard(s) of at most {max_shard_size} (largest "
-                f"conversion unit {plan.largest_unit()} bytes), written by rank(s) {writers}")
+                f"conversion unit {plan.largest_unit()} bytes), written by rank(s) {writers}; entries by route: "
+                f"{dict(sorted(routes.items()))}")
+    if routes.get("gathered"):
+        logger.warning(f"ep_ds_shim.save_pretrained: {routes['gathered']} entries are gathered collectively (ZeRO-3 "
+                       "partitions offloaded to NVMe or quantized, or DTensors not split by experts): each needs "
+                       "twice its size on every rank for a moment")
 
 
 def _stream(model, record, plan, directory: str, *, width: int, save_original_format: bool) -> str | None:
     """Every shard, round after round (one shard per writer each); returns this rank's write error, if any (it keeps
-    taking part in the gathers after one, so no other rank is left waiting in a collective)."""
+    taking part in the transfers after one, so no other rank is left waiting).
+
+    A writer holds its shard, whole, then converts it unit by unit (each unit's sources released once converted) and
+    writes it: at most the shard plus one unit at a time."""
     tensors = model.state_dict(keep_vars=True)
     rank = dist.get_rank()
     error = None
+    tags = {name: tag for tag, name in enumerate(plan.entries)}
+    # what planning left: transformers' converters, deep-copied for every conversion, sit in reference cycles
+    return_freed_memory(collect=True)
     for start in range(0, len(plan.shards), width):
-        mine = None
-        for shard in plan.shards[start:start + width]:
-            held = {}
-            for unit in shard.units:
-                for name in unit.names:
-                    value = gather.fetch(tensors[name], plan.entries[name], writer=shard.writer, record=record)
-                    if value is not None:
-                        held[name] = value
-                    del value
-                    if plan.entries[name].nbytes >= _TRIM_AFTER:
-                        return_freed_memory()  # what gathering it staged (and, elsewhere, the tensor itself)
-            if shard.writer == rank:
-                mine = (shard, held)
-            del held
-        if mine is not None:
-            shard, held = mine
-            del mine
-            if error is None:
-                try:
-                    write.write_shard(model, shard, held, directory, save_original_format=save_original_format)
-                except Exception as failure:  # noqa: BLE001 - reported to every rank after the gathers
-                    error = f"rank {rank} writing {shard.filename}: {type(failure).__name__}: {failure}"
-            held.clear()
+        shards = plan.shards[start:start + width]
+        held = gather.bring([(name, tensors[name], plan.entries[name], shard.writer, tags[name])
+                             for shard in shards for unit in shard.units for name in unit.names], record)
+        mine = next((shard for shard in shards if shard.writer == rank), None)
+        if mine is not None and error is None:
+            try:
+                outputs = {}
+                for unit in mine.units:
+                    outputs.update(write.convert(model, unit, {name: held.pop(name) for name in unit.names},
+                                                 save_original_format=save_original_format))
+                    if unit.nbytes >= TRIM_AFTER:
+                        return_freed_memory()  # the unit's sources, if the conversion copied them
+                write.write_shard(mine, outputs, directory)
+            except Exception as failure:  # noqa: BLE001 - reported to every rank after the transfers
+                error = f"rank {rank} writing {mine.filename}: {type(failure).__name__}: {failure}"
+            outputs = None
+        held.clear()
         return_freed_memory()
     return error
-
-
-_TRIM_AFTER = 1 << 20  # bytes: smaller tensors leave too little behind to matter
-
-
-def return_freed_memory() -> None:
-    """Hand the heap the last round freed back to the OS. glibc raises its mmap threshold after large frees, so
-    later shard-sized buffers come from the heap, whose freed pages it keeps: without this, a writer's resident
-    memory creeps up round after round (measured: +4 MB per 8 MB expert tensor) although it holds one shard."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: its allocator's own policy applies
-        pass
 
 
 def _finish(staging, plan) -> str | None:

@@ -1,8 +1,8 @@
-"""Writing one shard, and reading back what was written.
+"""Converting and writing one shard, and reading back what was written.
 
-A shard's entries, whole, go through transformers' own `revert_weight_conversion` (the release's key layout, as
-its `save_pretrained` reverts an offloaded model shard by shard) and safetensors' own `save_file` (which writes
-from the tensors' memory without copying them). The verification re-reads safetensors headers only.
+Each conversion unit, whole, goes through transformers' own `revert_weight_conversion` as soon as its writer has
+gathered it; the shard's converted tensors go through safetensors' own `save_file`. The verification re-reads
+safetensors headers only.
 """
 
 from __future__ import annotations
@@ -11,23 +11,28 @@ import json
 import os
 
 from ...errors import ExportError
-from .plan import ExportPlan, Shard, Spec
+from .plan import ExportPlan, Shard, Spec, Unit
 
 
-def write_shard(model, shard: Shard, tensors: dict, directory: str, *, save_original_format: bool) -> None:
-    """Write `shard` from `tensors` (its entries, whole); empties `tensors`, so the caller holds no reference. The
-    conversion runs unit by unit (the plan checked each converts alone), each unit's sources released once it is
-    converted."""
-    from safetensors.torch import save_file
+def convert(model, unit: Unit, tensors: dict, *, save_original_format: bool) -> dict:
+    """One unit's entries (whole), converted to the release's key layout by transformers' own
+    `revert_weight_conversion`, as its `save_pretrained` reverts an offloaded model shard by shard (the plan checked
+    that the unit converts alone). Empties `tensors`, so its sources are freed once converted if the conversion
+    copied them."""
     from transformers.core_model_loading import revert_weight_conversion
 
-    outputs = {}
-    for unit in shard.units:  # unit by unit: a conversion that copies (a split) holds one unit twice, not the shard
-        part = {name: tensors.pop(name) for name in unit.names}
-        outputs.update(revert_weight_conversion(model, part) if save_original_format else part)
-        del part
+    part = dict(tensors)
+    tensors.clear()
+    return revert_weight_conversion(model, part) if save_original_format else part
+
+
+def write_shard(shard: Shard, outputs: dict, directory: str) -> None:
+    """Write `shard`'s converted tensors with safetensors' own `save_file` (from the tensors' memory, without
+    copying them); empties `outputs`."""
+    from safetensors.torch import save_file
+
     for key in list(outputs):
-        # safetensors needs contiguous tensors; a reverted view that is not (a transpose) is copied one at a time,
+        # safetensors needs contiguous tensors; a converted view that is not (a transpose) is copied one at a time,
         # and its source is freed as soon as its last view is replaced
         outputs[key] = outputs[key].contiguous()
     _check(shard.filename, {key: (tuple(value.shape), value.dtype) for key, value in outputs.items()}, shard.outputs())

@@ -3,7 +3,8 @@
     worker_export.py <checkpoint> <mode> <target> <report.json> [--max-shard-size S] [--ep-size N] [--kill POINT@RANK]
 
 Loads the checkpoint with EP over the layout inside the block (ZeRO-3 signalled), hands it to DeepSpeed with
-`ep_ds_shim.initialize` (`--as-loaded`: exports the model as transformers returned it instead), then per mode:
+`ep_ds_shim.initialize` (`--as-loaded`: exports the model as loaded instead; `--no-zero3`: loaded without ZeRO-3
+signalled, so its experts are still transformers' DTensors), then per mode:
 
   export      `ep_ds_shim.save_pretrained(engine, target)`; with --kill, one rank is SIGKILLed at POINT first
               (gather:N  before the N-th entry it gathers; write:N  after its N-th shard is written;
@@ -18,6 +19,7 @@ Loads the checkpoint with EP over the layout inside the block (ZeRO-3 signalled)
   one-rank    `if rank == 0: ep_ds_shim.save_pretrained(...)` (the others go on to a barrier)
   one-rank-verify  `if rank == 0: ep_ds_shim.verify_expert_integrity(engine)`
   rank-exits  rank 1 returns (its process ends) without exporting; the others export
+  bad-targets the export to <target> (an existing file), then to <target>/model (a path under a file)
 
 Each rank reports what it raised (type and message), how many entries it gathered and how long the call took.
 """
@@ -45,6 +47,7 @@ def parse(argv):
     parser.add_argument("--ep-size", type=int)
     parser.add_argument("--kill", help="POINT@RANK")
     parser.add_argument("--as-loaded", action="store_true")
+    parser.add_argument("--no-zero3", action="store_true", help="load without ZeRO-3 signalled (DTensor experts)")
     return parser.parse_args(argv)
 
 
@@ -71,7 +74,7 @@ def killer(point: str, victim: int, rank: int) -> None:
                 die()
             result = original(*args, **kwargs)
             if due and torn:
-                path = os.path.join(args[3], args[1].filename)
+                path = os.path.join(args[2], args[0].filename)
                 with open(path, "r+b") as handle:
                     handle.truncate(os.path.getsize(path) // 2)
                 die()
@@ -82,11 +85,11 @@ def killer(point: str, victim: int, rank: int) -> None:
         setattr(module, name, wrapper)
 
     if kind == "gather":
-        counted(gather, "fetch")
+        counted(gather, "bring")
     elif kind == "write":
         counted(write, "write_shard", after=True)
     elif kind == "partial":
-        # write_shard(model, shard, tensors, directory): written, then torn and killed
+        # write_shard(shard, outputs, directory): written, then torn and killed
         counted(write, "write_shard", torn=True)
     elif kind == "verify":
         counted(write, "verify")
@@ -116,18 +119,20 @@ def count_gathers() -> dict:
     from ep_ds_shim.training.export import gather
 
     counter = {"n": 0}
-    original = gather.fetch
+    original = gather.bring
 
-    def fetch(*args, **kwargs):
-        counter["n"] += 1
-        return original(*args, **kwargs)
+    def bring(items, *args, **kwargs):
+        counter["n"] += len(items)
+        return original(items, *args, **kwargs)
 
-    gather.fetch = fetch
+    gather.bring = bring
     return counter
 
 
 def main(argv) -> None:
     args = parse(argv)
+    if args.max_shard_size.isdigit():  # bytes, as an int (transformers' own convention); else "20KB" and friends
+        args.max_shard_size = int(args.max_shard_size)
     import deepspeed
     from transformers import AutoConfig
     from transformers.integrations import HfDeepSpeedConfig
@@ -140,12 +145,12 @@ def main(argv) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     layout = ep_ds_shim.DPxEPLayout(args.ep_size or world)
     config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}, "steps_per_print": 10**9}
-    hf = HfDeepSpeedConfig(config)  # noqa: F841 - keeps ZeRO-3 signalled, as launchers do
+    hf = None if args.no_zero3 else HfDeepSpeedConfig(config)  # noqa: F841 - keeps ZeRO-3 signalled, as launchers do
     model_class = model_class_for(AutoConfig.from_pretrained(args.checkpoint).model_type)
     with ep_ds_shim.ep_zero3_compat():
         model = model_class.from_pretrained(args.checkpoint, dtype=torch.float32,
                                             **layout.from_pretrained_kwargs(args.checkpoint, model_class=model_class))
-    if args.as_loaded:
+    if args.as_loaded or args.no_zero3:
         exported = model
     else:
         optimizer = torch.optim.AdamW(model.parameters(), **testing.OPTIMIZER)
@@ -173,6 +178,13 @@ def main(argv) -> None:
                 ep_ds_shim.verify_expert_integrity(exported)
             else:
                 dist.barrier()
+        elif args.mode == "bad-targets":
+            for name, target in (("file", args.target), ("unwritable", os.path.join(args.target, "model"))):
+                try:
+                    ep_ds_shim.save_pretrained(exported, target, max_shard_size=args.max_shard_size)
+                    report[name] = {"raised": None}
+                except Exception as error:  # noqa: BLE001 - recorded for the test
+                    report[name] = {"raised": type(error).__name__, "message": str(error)}
         elif args.mode == "rank-exits":
             if rank == 1:
                 report["exited"] = True
