@@ -219,9 +219,6 @@ def growth_metrics(config: dict) -> dict:
             "load_cpu_s": load["cpu_s"],
             "fingerprints_cpu_s": timer(load, "fingerprints", "cpu_s"),
             "verify_cpu_s": statistics.median(v["cpu_s"] for v in verifies),
-            "export_s": r.get("export", {}).get("s"),
-            "export_peak_mb": r.get("export", {}).get("peak_mb"),
-            "export_before_mb": r.get("export", {}).get("rss_before_mb"),
         })
     load_s = max(p["load_s"] for p in per_rank)
     model_mb = (dense + experts) / MB
@@ -240,11 +237,6 @@ def growth_metrics(config: dict) -> dict:
         "integrity_share_wall": max((p["fingerprints_s"] + p["verify_s"]) / p["load_s"] for p in per_rank),
         "shim_self_ms": 1e3 * max(p["shim_self_s"] for p in per_rank),
         "initialize_s": max(p["initialize_s"] for p in per_rank),
-        "export_s": max((p["export_s"] or 0) for p in per_rank) or None,
-        "export_peak_rank0_mb": per_rank[0]["export_peak_mb"],
-        "export_growth_rank0_mb": (per_rank[0]["export_peak_mb"] or 0) - (per_rank[0]["export_before_mb"] or 0),
-        "export_peak_others_mb": max((p["export_peak_mb"] or 0) for p in per_rank[1:]) if len(per_rank) > 1 else None,
-        "exported_mb": config.get("exported_bytes", 0) / MB,
     }
 
 
@@ -257,8 +249,6 @@ GROWTH_ROWS = [
     ("fingerprints + verify, % of load (CPU s / CPU s)", "integrity_share", "{:.1%}"),
     ("fingerprints + verify, % of load (wall)", "integrity_share_wall", "{:.1%}"),
     ("deepspeed.initialize (ep_ds_shim.initialize) s", "initialize_s", "{:.2f}"),
-    ("export s", "export_s", "{:.2f}"),
-    ("export peak RSS rank 0, MB", "export_peak_rank0_mb", "{:.0f}"),
 ]
 
 
@@ -278,8 +268,8 @@ def growth_tables(section: dict) -> tuple[list[str], dict, list[dict]]:
               "(4 ranks share 2 here) and for the other ranks.", "",
               "| ranks | rank | load s | peak RSS at load MB | to hold MB | peak / to hold | RSS growth / to hold "
               "| anonymous growth / to hold | params held / to hold | fingerprints at load ms | verify ms (fingerprints) "
-              "| (fingerprints + verify) / load, CPU (wall) | export s | export peak RSS MB |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| (fingerprints + verify) / load, CPU (wall) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in first:
         for rank, p in enumerate(m["per_rank"]):
             hold = m["must_hold_mb"]
@@ -289,13 +279,8 @@ def growth_tables(section: dict) -> tuple[list[str], dict, list[dict]]:
                 f"| {p['held_mb'] / hold:.3f} | {1e3 * p['fingerprints_s']:.0f} "
                 f"| {1e3 * p['verify_s']:.0f} ({1e3 * p['verify_fingerprints_s']:.0f}) "
                 f"| {(p['fingerprints_cpu_s'] + p['verify_cpu_s']) / p['load_cpu_s']:.1%} "
-                f"({(p['fingerprints_s'] + p['verify_s']) / p['load_s']:.1%}) "
-                f"| {p['export_s']:.2f} | {p['export_peak_mb']:.0f} |")
-    lines += ["", f"Export: rank 0 gathers and writes the whole model ({first[0]['model_mb']:.0f} MB of weights; "
-              f"{first[0]['exported_mb']:.0f} MB written); its peak RSS during the export is "
-              + ", ".join(f"{m['export_peak_rank0_mb'] / m['model_mb']:.2f}x the model's bytes on {m['ranks']} ranks "
-                          f"(growth {m['export_growth_rank0_mb'] / m['model_mb']:.2f}x)" for m in first) + "."]
-    lines.append("")
+                f"({(p['fingerprints_s'] + p['verify_s']) / p['load_s']:.1%}) |")
+    lines += ["", "The export is measured in its own section (5).", ""]
     for m in metrics:
         verdicts[f"fingerprints + integrity check, {m['checkpoint']}, {m['ranks']} ranks"] = {
             "target": "<= 2% of load time (CPU seconds)",
@@ -325,6 +310,91 @@ def growth_tables(section: dict) -> tuple[list[str], dict, list[dict]]:
                          f"({describe(e, r)}).")
         lines.append("")
     return lines, verdicts, metrics
+
+
+# --- table 5: the export -------------------------------------------------------------------------------------------
+
+EXPORT_HEADING = "### 5. Export: streamed and written by every rank, against gathering to rank 0"
+EXPORT_BOUND_MARGIN = 1.1  # issue 22: peak RSS growth <= max_shard_size + the largest tensor + 10%
+EXPORT_STEPS = ("export: transfers", "export: conversion", "export: writing", "export: verification",
+                "export: move into place")
+
+
+def export_metrics(config: dict) -> dict:
+    reports = config["reports"]
+    plan = reports[0]["export_plan"]
+    bound_mb = (plan["max_shard_size"] + plan["largest_tensor"]) / MB
+    per_rank = []
+    for r in reports:
+        stream, previous = r["export_stream"], r["export_previous"]
+        timers = stream.get("timers", {})
+        per_rank.append({
+            "stream_s": stream["s"], "previous_s": previous["s"],
+            "stream_growth_mb": stream["peak_mb"] - stream["rss_before_mb"],
+            "previous_growth_mb": previous["peak_mb"] - previous["rss_before_mb"],
+            "steps": {name: timers.get(name, {}).get("s", 0.0) for name in EXPORT_STEPS},
+        })
+    return {"size": config["size"], "checkpoint": config["checkpoint"], "ranks": config["ranks"],
+            "order": config.get("order"), "model_mb": config["bytes"]["total"] / MB, "plan": plan,
+            "bound_mb": bound_mb, "per_rank": per_rank,
+            "stream_s": max(p["stream_s"] for p in per_rank), "previous_s": max(p["previous_s"] for p in per_rank),
+            "stream_growth_mb": max(p["stream_growth_mb"] for p in per_rank),
+            "previous_growth_mb": max(p["previous_growth_mb"] for p in per_rank),
+            "identical": reports[0].get("exports_identical", {})}
+
+
+def export_tables(section: dict) -> tuple[list[str], dict]:
+    metrics = [export_metrics(c) for c in section.get("configs", [])]
+    if not metrics:
+        return [], {}
+    fraction = section.get("shard_fraction", 8)
+    lines = [f"max_shard_size = 1/{fraction} of the model; one job per size and rank count, both exports in it (jobs "
+             "alternate which runs first); per rank: seconds, peak RSS growth during the call (the kernel's "
+             "high-water mark, reset before it), against the bound max_shard_size + the largest tensor. 'stream' = "
+             "`ep_ds_shim.save_pretrained`; 'previous' = the whole state dict gathered to global rank 0 and written "
+             "there by transformers' `save_pretrained` (what it did before). The stream's steps are its own timers "
+             "(transfers: every rank's partitions sent to the writers; conversion: transformers' reverse conversion; "
+             "writing: safetensors; verification + move: global rank 0).", "",
+             "| model | ranks | rank | stream s | previous s | stream / previous | stream growth MB | bound MB "
+             "| growth / bound | previous growth MB | transfers s | conversion s | writing s | verification + move s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m in metrics:
+        for rank, p in enumerate(m["per_rank"]):
+            steps = p["steps"]
+            lines.append(
+                f"| {m['checkpoint']} ({m['model_mb']:.0f} MB) | {m['ranks']} | {rank} | {p['stream_s']:.2f} "
+                f"| {p['previous_s']:.2f} | {p['stream_s'] / p['previous_s']:.2f} | {p['stream_growth_mb']:.0f} "
+                f"| {m['bound_mb']:.0f} | {p['stream_growth_mb'] / m['bound_mb']:.2f} | {p['previous_growth_mb']:.0f} "
+                f"| {steps['export: transfers']:.2f} | {steps['export: conversion']:.2f} "
+                f"| {steps['export: writing']:.2f} "
+                f"| {steps['export: verification'] + steps['export: move into place']:.2f} |")
+    lines.append("")
+    verdicts = {}
+    by_size: dict[str, list[dict]] = {}
+    for m in metrics:
+        by_size.setdefault(m["size"], []).append(m)
+        identical = m["identical"]
+        lines.append(f"- {m['checkpoint']}, {m['ranks']} ranks: {m['plan']['shards']} shards; the largest rank's "
+                     f"growth {m['stream_growth_mb']:.0f} MB = {m['stream_growth_mb'] / m['model_mb']:.2f}x the model "
+                     f"(previous: {m['previous_growth_mb']:.0f} MB = {m['previous_growth_mb'] / m['model_mb']:.2f}x); "
+                     f"time {m['stream_s']:.2f} s vs {m['previous_s']:.2f} s; both exports "
+                     + ("hold identical tensors" if identical.get("identical") else f"DIFFER: {identical}") + ".")
+        worst = max(p["stream_growth_mb"] / m["bound_mb"] for p in m["per_rank"])
+        verdicts[f"export peak RSS growth, every rank, {m['checkpoint']}, {m['ranks']} ranks"] = {
+            "target": f"<= (max_shard_size + largest tensor) x {EXPORT_BOUND_MARGIN}",
+            "value": {"median": worst, "min": worst, "max": worst, "n": 1},
+            "met": worst <= EXPORT_BOUND_MARGIN}
+    for size, group in by_size.items():
+        group = sorted(group, key=lambda m: m["ranks"])
+        if len(group) >= 2:
+            factor = group[-1]["stream_s"] / group[0]["stream_s"]
+            lines.append(f"- {group[0]['checkpoint']}: export time x{factor:.2f} from {group[0]['ranks']} to "
+                         f"{group[-1]['ranks']} ranks (previous: x{group[-1]['previous_s'] / group[0]['previous_s']:.2f}).")
+            verdicts[f"export time, {group[0]['checkpoint']}, {group[0]['ranks']} -> {group[-1]['ranks']} ranks"] = {
+                "target": "falls as ranks are added (ratio < 1)",
+                "value": {"median": factor, "min": factor, "max": factor, "n": 1}, "met": factor < 1}
+    lines.append("")
+    return lines, verdicts
 
 
 def describe(experts: float, ranks: float) -> str:
@@ -514,6 +584,11 @@ def markdown(results: dict) -> str:
         body, v, growth_metrics_ = growth_tables(sections["growth"])
         lines += body
         verdicts.update(v)
+    if "export" in sections:
+        lines += [EXPORT_HEADING, ""]
+        body, v = export_tables(sections["export"])
+        lines += body
+        verdicts.update(v)
     if "profile" in sections:
         lines += ["### Profile (where the shim's own time goes)", ""]
         lines += profile_lines(sections["profile"])
@@ -538,3 +613,44 @@ def markdown(results: dict) -> str:
             lines.append(f"| {name}: {v['target']} | {shown} | **{word}** |")
         lines.append("")
     return "\n".join(lines)
+
+
+def splice(existing: str, results: dict) -> str:
+    """`existing` results.md with the sections of `results` (a run of some sections only) replaced or added, each
+    under its heading with its own command line and date, and their target rows replaced in the Targets table;
+    the other sections keep what their own run measured."""
+    fresh = markdown(results).split("\n")
+    m = results.get("machine", {})
+    stamp = (f"Measured in its own run: `{results.get('command')}`, {results.get('date')}; load average at start "
+             f"{', '.join(f'{x:.1f}' for x in m.get('load_average_at_start', []))}.")
+    blocks = _blocks(fresh)
+    out = existing.rstrip("\n").split("\n")
+    for heading, body in blocks.items():
+        if heading == "### Targets":
+            continue
+        body = [heading, "", stamp, *body[1:]]
+        mine = _blocks(out)
+        if heading in mine:
+            start = out.index(heading)
+            out[start:start + len(mine[heading])] = body
+        else:
+            at = out.index("### Targets") if "### Targets" in out else len(out)
+            out[at:at] = body
+    rows = [line for line in blocks.get("### Targets", []) if line.startswith("| ") and "verdict" not in line
+            and not line.startswith("|---")]
+    if rows and "### Targets" in out:
+        names = {row.split(":")[0] for row in rows}
+        out = [line for line in out if not (line.startswith("| ") and line.split(":")[0] in names)]
+        at = out.index("### Targets") + 1
+        while at < len(out) and (not out[at] or out[at].startswith("|")):
+            at += 1
+        while not out[at - 1]:
+            at -= 1
+        out[at:at] = rows
+    return "\n".join(out) + "\n"
+
+
+def _blocks(lines: list[str]) -> dict[str, list[str]]:
+    """'### ...' heading -> its lines up to the next such heading."""
+    starts = [i for i, line in enumerate(lines) if line.startswith("### ")]
+    return {lines[i]: lines[i:j] for i, j in zip(starts, starts[1:] + [len(lines)])}
