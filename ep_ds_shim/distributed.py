@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import datetime
 import json
 import os
 import time
@@ -56,6 +57,7 @@ def _mark_exit_at_interpreter_exit(store, rank: int) -> None:
 
     def mark():
         try:
+            store.set_timeout(datetime.timedelta(seconds=5))  # never hold up the exit on an unreachable store
             store.set(f"{_EXITED}{rank}", str(os.getpid()))
         except Exception:  # noqa: BLE001 - the store may be gone already (its host exited first); nothing to tell
             pass
@@ -87,9 +89,11 @@ def exchange(topic: str, payload: dict, *, ranks: tuple[int, ...] | None = None,
 
 def _wait_for(store, keys: dict[int, str], rank: int, what: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    missing = [r for r, key in keys.items() if not store.check([key])]
     pause = _FIRST_POLL
-    while missing:
+    while not store.check(list(keys.values())):  # one round trip while everyone is there
+        missing = [r for r, key in keys.items() if not store.check([key])]
+        if not missing:  # arrived since
+            continue
         exited = [r for r in missing if store.check([f"{_EXITED}{r}"])]
         if exited:
             raise RankExitedError(
@@ -106,7 +110,6 @@ def _wait_for(store, keys: dict[int, str], rank: int, what: str, timeout: float)
             )
         time.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
         pause = min(pause * 2, _MAX_POLL)
-        missing = [r for r in missing if not store.check([keys[r]])]
 
 
 def arrive(topic: str, *, what: str, ranks: tuple[int, ...] | None = None) -> None:

@@ -79,9 +79,15 @@ def _wait(pending: list) -> None:
 
 
 def _device(tensor) -> torch.device:
-    """Where the pieces travel: the partition's device (the accelerator; CPU with gloo)."""
+    """Where the pieces travel: where this rank holds them (a partition offloaded to the host goes through the
+    accelerator when the backend cannot send host memory, as NCCL cannot)."""
     source = getattr(tensor, "ds_tensor", None)
     source = tensor.to_local() if isinstance(tensor, DTensor) else (source if source is not None else tensor)
+    if source.device.type == "cpu" and "nccl" in str(dist.get_backend()):
+        from ...distributed import default_device_type
+
+        accelerator = getattr(torch, default_device_type())
+        return torch.device(default_device_type(), accelerator.current_device())
     return source.device
 
 
