@@ -93,6 +93,8 @@ def export_phases(engine, args, report: dict, rank: int) -> None:
              "previous": lambda: previous_export(engine, directories["previous"], shard)}
     for name in args.order.split(","):
         common.release_memory()
+        if rank == 0:
+            os.sync()  # the other export's dirty pages are written back now, not throttling this one
         phase(report, f"export_{name}", calls[name], barrier=dist.barrier)
     if rank == 0:
         report["exports_identical"] = common.same_tensors(directories["stream"], directories["previous"])

@@ -116,10 +116,15 @@ def _stage(model, target: str, problem, **save_kwargs):
     if staging.problem is None:
         try:
             staging.create()
+        except OSError as failure:
+            staging.problem = f"{target} cannot be written: {type(failure).__name__}: {failure}"
+    if staging.problem is None:
+        try:
             write_config(model, staging.path, **save_kwargs)
         except Exception as failure:  # noqa: BLE001 - shared with every rank at the arrival
-            staging.problem = f"{target} cannot be written: {type(failure).__name__}: {failure}"
-            staging.discard()
+            staging.problem = f"transformers' save_pretrained could not write the config: {type(failure).__name__}: {failure}"
+    if staging.problem is not None:
+        staging.discard()
     return staging
 
 

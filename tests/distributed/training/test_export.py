@@ -227,14 +227,15 @@ def test_a_target_that_is_a_file_or_cannot_be_written_is_refused_on_every_rank_b
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("mode,call", [("one-rank", "ep_ds_shim.save_pretrained"),
-                                       ("one-rank-verify", "verify_expert_integrity")])
-def test_a_collective_called_on_rank_0_only_names_the_missing_rank_within_the_timeout(mode, call, family_checkpoint,
-                                                                                      tmp_path):
-    """`if rank == 0: ep_ds_shim.save_pretrained(...)` (or the integrity check): rank 0 raises within
-    EP_DS_SHIM_TIMEOUT, naming rank 1, instead of hanging; nothing is left in the target's directory."""
+@pytest.mark.parametrize("mode,call,extra", [("one-rank", "ep_ds_shim.save_pretrained", ()),
+                                             ("one-rank-verify", "verify_expert_integrity", ()),
+                                             ("one-rank-initialize", "the DeepSpeed hand-over", ("--as-loaded",))])
+def test_a_collective_called_on_rank_0_only_names_the_missing_rank_within_the_timeout(mode, call, extra,
+                                                                                      family_checkpoint, tmp_path):
+    """`if rank == 0: ep_ds_shim.save_pretrained(...)` (or the integrity check, or the hand-over): rank 0 raises
+    within EP_DS_SHIM_TIMEOUT, naming rank 1, instead of hanging; nothing is left in the target's directory."""
     checkpoint = family_checkpoint("qwen3_moe")
-    run = export_job(checkpoint, mode, tmp_path / "target", env={"EP_DS_SHIM_TIMEOUT": "20"}, timeout=300)
+    run = export_job(checkpoint, mode, tmp_path / "target", *extra, env={"EP_DS_SHIM_TIMEOUT": "20"}, timeout=300)
     assert run.returncode != 0, run
     first = next(report for report in run.reports if report["rank"] == 0)
     assert first["raised"] == "CollectiveTimeoutError", first

@@ -18,6 +18,7 @@ signalled, so its experts are still transformers' DTensors), then per mode:
               high-water mark, reset before the export) and the bound it must keep
   one-rank    `if rank == 0: ep_ds_shim.save_pretrained(...)` (the others go on to a barrier)
   one-rank-verify  `if rank == 0: ep_ds_shim.verify_expert_integrity(engine)`
+  one-rank-initialize  (with --as-loaded) `if rank == 0: ep_ds_shim.initialize(...)`
   rank-exits  rank 1 returns (its process ends) without exporting; the others export
   bad-targets the export to <target> (an existing file), then to <target>/model (a path under a file)
 
@@ -185,6 +186,12 @@ def main(argv) -> None:
                     report[name] = {"raised": None}
                 except Exception as error:  # noqa: BLE001 - recorded for the test
                     report[name] = {"raised": type(error).__name__, "message": str(error)}
+        elif args.mode == "one-rank-initialize":  # with --as-loaded: the hand-over itself on rank 0 only
+            if rank == 0:
+                ep_ds_shim.initialize(model=model, layout=layout, config=config,
+                                      optimizer=torch.optim.AdamW(model.parameters(), **testing.OPTIMIZER))
+            else:
+                dist.barrier()
         elif args.mode == "rank-exits":
             if rank == 1:
                 report["exited"] = True
