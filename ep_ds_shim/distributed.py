@@ -38,7 +38,7 @@ TIMEOUT_ENV = "EP_DS_SHIM_TIMEOUT"
 DEFAULT_TIMEOUT = 1800.0  # torch's own default for a gloo process group
 _rounds: dict[tuple, int] = {}
 _EXITED = "ep_ds_shim/exited/"
-_exit_marked: list = []  # the store this process marks its exit in (registered once)
+_exit_marked: list = []  # [store, rank] this process marks its exit in
 # Polling the store (`check`) rather than waiting on it in slices: a timed-out `wait` prints a C++ warning per slice.
 _FIRST_POLL, _MAX_POLL = 0.0005, 0.2
 
@@ -51,18 +51,18 @@ def _mark_exit_at_interpreter_exit(store, rank: int) -> None:
     """Once this process takes part in an exchange, its normal end (the script returned, or raised) leaves a mark
     in the store, so ranks still waiting for it are told at once that it exited instead of waiting for the timeout.
     A rank killed by a signal leaves no mark; launchers such as torchrun then stop the others."""
-    if _exit_marked:
-        return
-    _exit_marked.append(store)
+    if not _exit_marked:
+        atexit.register(_mark_exit)
+    _exit_marked[:] = [store, rank]  # the store of the process group in use now
 
-    def mark():
-        try:
-            store.set_timeout(datetime.timedelta(seconds=5))  # never hold up the exit on an unreachable store
-            store.set(f"{_EXITED}{rank}", str(os.getpid()))
-        except Exception:  # noqa: BLE001 - the store may be gone already (its host exited first); nothing to tell
-            pass
 
-    atexit.register(mark)
+def _mark_exit() -> None:
+    store, rank = _exit_marked
+    try:
+        store.set_timeout(datetime.timedelta(seconds=5))  # never hold up the exit on an unreachable store
+        store.set(f"{_EXITED}{rank}", str(os.getpid()))
+    except Exception:  # noqa: BLE001 - the store may be gone already (its host exited first); nothing to tell
+        pass
 
 
 def exchange(topic: str, payload: dict, *, ranks: tuple[int, ...] | None = None, what: str = "",
