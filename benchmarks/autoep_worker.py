@@ -1,17 +1,18 @@
 """One rank of DeepSpeed AutoEP, as shipped (the other side of the shim-vs-AutoEP comparison; run.py starts it).
 
     torchrun --nproc_per_node N benchmarks/autoep_worker.py <checkpoint> <report-{rank}.json> [--steps K]
-             [--load plain|zinit] [--batch same|split] [--family qwen3_moe]
+             [--load plain|zinit] [--batch same|split] [--family qwen3_moe] [--sequences G]
 
 The model is built the way AutoEP's documentation and tests build it: a plain `from_pretrained` on every rank
 (`--load plain`, the default: every rank loads the whole model), or with an `HfDeepSpeedConfig` alive so it loads
 under `zero.Init` (`--load zinit`). Then `deepspeed.initialize` with the config section
 `"expert_parallel": {"enabled": true, "autoep_size": <ranks>, "preset_model": <family>}`, which replaces the MoE
 layers and partitions the experts; nothing of AutoEP is patched. Same DeepSpeed config otherwise, same optimizer
-(torch AdamW), same steps as the shim's side and the reference. Batches: `--batch same` gives every rank the step's
-whole batch, as the shim's EP group gets it (the same work per rank; AutoEP then routes duplicated tokens);
-`--batch split` gives each rank its own slice of it (micro-batch / ranks each: AutoEP's own data-parallel use, the
-same global batch). The loss reported is the mean over ranks (what the data-parallel step trains on). A failure is
+(torch AdamW), same steps and global batches (--sequences) as the shim's side and the reference. Batches:
+`--batch split` gives each rank its own slice of the step's global batch (AutoEP's own data-parallel use, as
+ep-ds-shim 0.3 trains); `--batch same` gives every rank all of it, as ep-ds-shim 0.2's EP group got it (the same
+work per rank; AutoEP then routes duplicated tokens). The loss reported is the mean over ranks (what the
+data-parallel step trains on); the ZeRO-3 state each rank holds is read after the steps. A failure is
 reported with its message and the innermost DeepSpeed/transformers frame.
 """
 
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--load", default="plain", choices=["plain", "zinit"])
     parser.add_argument("--batch", default="same", choices=["same", "split"])
     parser.add_argument("--family", default="qwen3_moe")
+    parser.add_argument("--sequences", type=int, default=None, help="the global batch (default: common.MICRO)")
     parser.add_argument("--probe-export", action="store_true",
                         help="after the steps, try DeepSpeed's consolidated 16-bit save (records the outcome)")
     args = parser.parse_args()
@@ -61,12 +63,13 @@ def main() -> None:
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    config = common.ds_config(autoep_size=world, family=args.family)
-    per_rank = common.MICRO // world if args.batch == "split" else common.MICRO
-    config["train_micro_batch_size_per_gpu"] = per_rank
+    sequences = args.sequences or common.MICRO
+    config = common.ds_config(autoep_size=world, family=args.family,
+                              micro=common.per_rank_sequences(sequences, world, args.batch))
     common.warm_imports(args.checkpoint)
     report = {"rank": rank, "world": world, "transformers": transformers.__version__, "deepspeed": deepspeed.__version__,
-              "load_mode": args.load, "batch_mode": args.batch, "ds_config": config, "phase": "load"}
+              "load_mode": args.load, "batch_mode": args.batch, "sequences": sequences, "ds_config": config,
+              "phase": "load"}
     try:
         keep = HfDeepSpeedConfig(config) if args.load == "zinit" else None  # noqa: F841
 
@@ -88,14 +91,11 @@ def main() -> None:
         report["autoep_layers"] = sum(isinstance(m, AutoEPMoELayer) for m in engine.module.modules())
         report["dp_world_size"] = engine.dp_world_size
         report["phase"] = "steps"
-        def mean_over_ranks(loss):
-            mean = loss.detach().clone()
-            dist.all_reduce(mean)  # every rank's batch has the same number of tokens: the mean is the step's loss
-            return mean.item() / world
-
-        split = (lambda batch: batch[rank * per_rank:(rank + 1) * per_rank]) if args.batch == "split" else None
-        report["steps"] = common.timed_steps(engine, args.steps, engine.module.config.vocab_size, dist.barrier,
-                                             rank=rank, slice_batch=split, step_loss=mean_over_ranks)
+        report["steps"] = common.timed_steps(
+            engine, args.steps, engine.module.config.vocab_size, dist.barrier, rank=rank, sequences=sequences,
+            slice_batch=lambda batch: common.rank_batch(batch, rank, world, args.batch),
+            step_loss=lambda loss: common.mean_over_ranks(loss, world))
+        report["zero3"] = common.zero3_state(engine, world)
         if args.probe_export:
             report["phase"] = "export probe"
             try:

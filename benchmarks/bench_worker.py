@@ -10,8 +10,12 @@ modes:
           load: garbage collected and heap returned to the OS, the checkpoint read once into the page cache (same
           cache state for every load), a barrier, the peak-RSS counter reset. The shim's own time is timed
           directly (shim_timers) as a cross-check of the ratio.
-  train   the shim's side of the AutoEP comparison: EP load under ZeRO-3 inside the block, ep_ds_shim.initialize
-          (DP x EP groups), --steps training steps on the same batches as the reference; losses, times, peak RSS.
+  train   the shim's side of the AutoEP comparison: EP load under ZeRO-3 inside the block, ep_ds_shim.initialize,
+          --steps training steps on the reference's global batches of --sequences sequences: each rank its own
+          slice (--batch split, ep-ds-shim 0.3: every rank a data-parallel rank) or all of it (--batch same, what
+          ep-ds-shim 0.2's EP group trained on); losses (mean over ranks), times, peak RSS, and the ZeRO-3 state
+          each rank holds after the steps (dense / expert partitions, optimizer state: common.zero3_state).
+          Runs with either release of the library (the 0.2.0 baseline's environment too).
   scale   the realistic-size table: EP load under ZeRO-3 (timed, fingerprints timed), ep_ds_shim.initialize,
           verify_expert_integrity, each with its peak RSS.
   export  the export table: EP load under ZeRO-3, ep_ds_shim.initialize, then two exports with
@@ -110,6 +114,8 @@ def main() -> None:
     parser.add_argument("report")
     parser.add_argument("--schedule", default="ABBA")
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--sequences", type=int, default=None, help="the global batch (default: common.MICRO)")
+    parser.add_argument("--batch", default="split", choices=["split", "same"])
     parser.add_argument("--export-dir")
     parser.add_argument("--shard-fraction", type=int, default=8)
     parser.add_argument("--order", default="stream,previous")
@@ -140,7 +146,7 @@ def main() -> None:
     kwargs = layout.from_pretrained_kwargs(path)
     report = {"rank": rank, "world": world, "mode": args.mode, "transformers": transformers.__version__,
               "deepspeed": deepspeed.__version__, "torch": torch.__version__, "ep_size": layout.ep_size,
-              "dp_size": layout.dp_size}
+              "dp_size": layout.dp_size, "ep_ds_shim": ep_ds_shim.__version__, "ep_ds_shim_file": ep_ds_shim.__file__}
 
     def prewarmed_barrier():
         common.prewarmed_barrier(report, path, rank, dist.barrier)
@@ -174,15 +180,23 @@ def main() -> None:
             loads.append(entry)
         report["loads"] = loads
     elif args.mode == "train":
-        hf = HfDeepSpeedConfig(common.ds_config())  # noqa: F841 - ZeRO-3 signalled, as a DeepSpeed user has it
+        sequences = args.sequences or common.MICRO
+        config = common.ds_config(micro=common.per_rank_sequences(sequences, world, args.batch))
+        report.update(batch_mode=args.batch, sequences=sequences, ds_config=config)
+        hf = HfDeepSpeedConfig(config)  # noqa: F841 - ZeRO-3 signalled, as a DeepSpeed user has it
         model = phase(report, "load", lambda: shim_load(True), barrier=prewarmed_barrier)
         report["held_after_load_mb"] = held_mb(model)
         optimizer = common.adamw(model.parameters())
         engine, *_ = phase(report, "initialize", lambda: ep_ds_shim.initialize(
-            model=model, layout=layout, optimizer=optimizer, config=common.ds_config()), barrier=dist.barrier)
+            model=model, layout=layout, optimizer=optimizer, config=config), barrier=dist.barrier)
         report["held_after_initialize_mb"] = held_mb(engine.module)
-        report["steps"] = common.timed_steps(engine, args.steps, model.config.vocab_size, dist.barrier, rank=rank)
+        report["dp_world_size"] = engine.dp_world_size
+        report["steps"] = common.timed_steps(
+            engine, args.steps, model.config.vocab_size, dist.barrier, rank=rank, sequences=sequences,
+            slice_batch=lambda batch: common.rank_batch(batch, rank, world, args.batch),
+            step_loss=lambda loss: common.mean_over_ranks(loss, world))
         report["steps"]["timers"] = shim_timers.take()
+        report["zero3"] = common.zero3_state(engine, world)
     elif args.mode == "scale":
         hf = HfDeepSpeedConfig(common.ds_config())  # noqa: F841
         model = phase(report, "load", lambda: shim_load(True), barrier=prewarmed_barrier)

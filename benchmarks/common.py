@@ -17,23 +17,57 @@ from pathlib import Path
 
 # --- the training set-up of the shim-vs-AutoEP comparison (both sides and the single-process reference) ---------
 LR, EPS, WEIGHT_DECAY, CLIP = 1e-3, 1e-4, 0.01, 1.0  # = ep_ds_shim.testing.OPTIMIZER, DeepSpeed's default clipping
-MICRO, SEQ = 2, 16  # samples per rank per step (every rank the same batch: one EP group), tokens per sample
+MICRO, SEQ = 2, 16  # sequences per optimizer step (the global batch of the compare section), tokens per sequence
 BATCH_SEED = 4321
+# How a rank's batch relates to the step's global batch: "split" = each rank its own slice (data-parallel ranks:
+# ep-ds-shim 0.3, AutoEP); "same" = every rank all of it (ep-ds-shim 0.2's EP group, which shared one batch).
+BATCH_MODES = ("split", "same")
 
 
-def step_batch(step: int, vocab_size: int):
-    """The batch of optimizer step `step`: the same on every rank (one EP group) and in the reference."""
+def step_batch(step: int, vocab_size: int, sequences: int = MICRO):
+    """The global batch of optimizer step `step` (`sequences` x SEQ tokens), the same in every variant and in the
+    single-process reference."""
     import torch
 
     generator = torch.Generator().manual_seed(BATCH_SEED + step)
-    return torch.randint(0, vocab_size, (MICRO, SEQ), generator=generator)
+    return torch.randint(0, vocab_size, (sequences, SEQ), generator=generator)
 
 
-def ds_config(*, autoep_size: int | None = None, family: str = "qwen3_moe") -> dict:
-    """The DeepSpeed config of both sides: ZeRO-3, fp32, clipping 1.0, one micro-batch per step; AutoEP's section
-    (as its docs and tests spell it) only for AutoEP."""
+def per_rank_sequences(sequences: int, world: int, mode: str) -> int:
+    """Sequences a rank trains on per step for a global batch of `sequences`: a 1/world slice ("split") or all of
+    it ("same")."""
+    if mode not in BATCH_MODES:
+        raise ValueError(f"batch mode {mode!r}: expected one of {BATCH_MODES}")
+    if mode == "same":
+        return sequences
+    if sequences % world:
+        raise ValueError(f"a global batch of {sequences} sequences does not split over {world} ranks; "
+                         f"use a multiple of {world}")
+    return sequences // world
+
+
+def rank_batch(batch, rank: int, world: int, mode: str):
+    """This rank's part of the step's global batch `batch` (rows = sequences): rows [rank*n, (rank+1)*n) of it
+    ("split"), or all of it ("same")."""
+    count = per_rank_sequences(len(batch), world, mode)
+    return batch if mode == "same" else batch[rank * count:(rank + 1) * count]
+
+
+def mean_over_ranks(loss, world: int) -> float:
+    """The step's loss over the global batch: the mean of the ranks' losses (every rank's slice has the same number
+    of tokens; with "same" batches every rank's loss is already the batch's)."""
+    import torch.distributed as dist
+
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)
+    return mean.item() / world
+
+
+def ds_config(*, autoep_size: int | None = None, family: str = "qwen3_moe", micro: int = MICRO) -> dict:
+    """The DeepSpeed config of every side: ZeRO-3, fp32, clipping 1.0, one micro-batch of `micro` sequences per rank
+    per step; AutoEP's section (as its docs and tests spell it) only for AutoEP."""
     config = {
-        "train_micro_batch_size_per_gpu": MICRO,
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": CLIP,
         "steps_per_print": 10**9,
@@ -72,6 +106,28 @@ def status_mb() -> dict:
             if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                 fields[key] = int(line.split()[1]) / 1024
     return fields
+
+
+def available_mb() -> float | None:
+    """MemAvailable of the machine, in MB (None where /proc/meminfo has no such line)."""
+    with open("/proc/meminfo") as handle:
+        for line in handle:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+# Peak RSS of a training rank: a process's fixed cost (torch, transformers, DeepSpeed: ~0.5 GB measured at 13 MB) plus
+# a multiple of the bytes it must hold (dense + its experts: ~9.9x at 1.5 GB on 0.2.0 and AutoEP, 8.6-8.9 GB per
+# rank for 818 MB: parameters, fp32 master, gradients, Adam's two moments, gathered layers, allocator slack).
+TRAINING_RSS_PER_HELD_BYTE = 10.0
+PROCESS_BASE_MB = 600.0
+
+
+def training_memory_mb(checkpoint_bytes: dict, ranks: int) -> float:
+    """About how much memory a training job of `ranks` ranks (EP over all of them) needs at its peak, in MB."""
+    held = (checkpoint_bytes["dense"] + checkpoint_bytes["experts"] / ranks) / 2**20
+    return ranks * (TRAINING_RSS_PER_HELD_BYTE * held + PROCESS_BASE_MB)
 
 
 def reset_peak() -> bool:
@@ -140,6 +196,77 @@ def run_worker(main) -> None:
         main()
 
 
+# --- ZeRO-3 state held per rank ----------------------------------------------------------------------------------
+
+
+def is_expert_parameter(name: str, param) -> bool:
+    """An expert weight: one DeepSpeed marks as a MoE parameter (`allreduce=False`: ep-ds-shim 0.3's and AutoEP's
+    experts), or one inside an `experts` module (ep-ds-shim 0.2 tags nothing). Everything else is dense (attention,
+    embeddings, norms, routers)."""
+    return getattr(param, "allreduce", True) is False or "experts" in name.split(".")[:-1]
+
+
+def zero3_rows(engine) -> tuple[list[dict], list[dict]]:
+    """What ZeRO-3 keeps on this rank, read from the engine after a step (Adam's moments exist from the first step
+    on): per parameter, whether it is an expert, the elements of its partition (`ds_tensor.numel()`), of the whole
+    parameter (`ds_numel`) and its element size; per optimizer sub-group, the partition elements of its dense
+    parameters, of all its parameters, and the bytes of its optimizer state (Adam's tensors, plus the fp32 master
+    partition when it is a copy of the parameters' partition rather than that partition itself)."""
+    rows = [{"expert": is_expert_parameter(name, p), "held": p.ds_tensor.numel(), "full": p.ds_numel,
+             "element_size": p.ds_tensor.element_size()} for name, p in engine.module.named_parameters()]
+    optimizer = engine.optimizer
+    expert_ids = {id(p) for name, p in engine.module.named_parameters() if is_expert_parameter(name, p)}
+    subgroups = []
+    for index, params in enumerate(optimizer.fp16_groups):
+        master = optimizer.fp32_partitioned_groups_flat[index]
+        own = optimizer.fp16_partitioned_groups_flat[index]
+        state = {key: t for key, t in optimizer.optimizer.state.get(master, {}).items() if hasattr(t, "numel")}
+        state_bytes = sum(t.numel() * t.element_size() for t in state.values())
+        master_copy = own is None or master.untyped_storage().data_ptr() != own.untyped_storage().data_ptr()
+        if master_copy:
+            state_bytes += master.numel() * master.element_size()
+        subgroups.append({"dense": sum(p.partition_numel() for p in params if id(p) not in expert_ids),
+                          "total": sum(p.partition_numel() for p in params), "state_bytes": state_bytes,
+                          "state": {key: t.numel() for key, t in state.items()}, "master_copy": master_copy})
+    return rows, subgroups
+
+
+def zero3_summary(rows: list[dict], subgroups: list[dict], world: int) -> dict:
+    """Dense and expert state held by one rank, from `zero3_rows`: parameter elements held against whole (dense:
+    the fraction of the dense parameters this rank holds, 1/world when ZeRO-3 partitions them over every rank), and
+    the optimizer state's bytes, the dense part attributed by each sub-group's dense share of its partition
+    elements; `dense_optimizer_full_bytes` is what this rank would hold for the dense parameters unpartitioned."""
+    dense = [r for r in rows if not r["expert"]]
+    experts = [r for r in rows if r["expert"]]
+    dense_held, dense_full = sum(r["held"] for r in dense), sum(r["full"] for r in dense)
+    state_bytes = sum(g["state_bytes"] for g in subgroups)
+    partition_elements = sum(g["total"] for g in subgroups)
+    dense_state = sum(g["state_bytes"] * g["dense"] / g["total"] for g in subgroups if g["total"])
+    per_element = state_bytes / partition_elements if partition_elements else 0.0
+    return {
+        "world": world,
+        "dense_params": len(dense),
+        "dense_held": dense_held,
+        "dense_full": dense_full,
+        "dense_fraction": dense_held / dense_full if dense_full else None,
+        "dense_held_bytes": sum(r["held"] * r["element_size"] for r in dense),
+        "dense_whole_params": sum(r["held"] == r["full"] for r in dense),
+        "expert_params": len(experts),
+        "expert_held": sum(r["held"] for r in experts),
+        "expert_full": sum(r["full"] for r in experts),
+        "expert_held_bytes": sum(r["held"] * r["element_size"] for r in experts),
+        "optimizer_bytes": state_bytes,
+        "dense_optimizer_bytes": dense_state,
+        "dense_optimizer_full_bytes": dense_full * per_element,
+    }
+
+
+def zero3_state(engine, world: int) -> dict:
+    """`zero3_summary` of this rank's engine, with the optimizer's sub-groups as read."""
+    rows, subgroups = zero3_rows(engine)
+    return {**zero3_summary(rows, subgroups, world), "subgroups": subgroups}
+
+
 # --- checkpoints ------------------------------------------------------------------------------------------------
 
 
@@ -200,16 +327,18 @@ def prewarm(path) -> float:
     return time.perf_counter() - started
 
 
-def timed_steps(engine, steps: int, vocab_size: int, barrier, *, rank: int, slice_batch=None, step_loss=None) -> dict:
-    """The measured training loop of both sides of the comparison: step `k` trains on `step_batch(k)` (sliced for
-    this rank if `slice_batch` is given) after a barrier; seconds, CPU seconds and the loss (`step_loss(loss)`,
-    default `loss.item()`) of every step, and the peak RSS of the loop. `BENCH_PROFILE_STEPS` profiles rank 0."""
+def timed_steps(engine, steps: int, vocab_size: int, barrier, *, rank: int, slice_batch=None, step_loss=None,
+                sequences: int = MICRO) -> dict:
+    """The measured training loop of every side of the comparison: step `k` trains on `step_batch(k, sequences)`
+    (this rank's part of it if `slice_batch` is given) after a barrier; seconds, CPU seconds and the loss
+    (`step_loss(loss)`, default `loss.item()`) of every step, and the peak RSS of the loop. `BENCH_PROFILE_STEPS`
+    profiles rank 0."""
     losses, times, cpu_times = [], [], []
     reset_peak()
     profile = StepProfile(rank)
     for step in range(steps):
         profile.at_step(step)
-        batch = step_batch(step, vocab_size)
+        batch = step_batch(step, vocab_size, sequences)
         if slice_batch is not None:
             batch = slice_batch(batch)
         barrier()
@@ -225,10 +354,13 @@ def timed_steps(engine, steps: int, vocab_size: int, barrier, *, rank: int, slic
 
 
 class StepProfile:
-    """`BENCH_PROFILE_STEPS=out.prof`: cProfile of rank 0's training steps from the third on (the steady state)."""
+    """`BENCH_PROFILE_STEPS=out.prof`: cProfile of rank 0's training steps from the third on (the steady state), in
+    wall seconds, or in this process's CPU seconds with `BENCH_PROFILE_CLOCK=cpu` (what each function costs, without
+    the waits for a core or for the other ranks that a shared machine adds to wall time)."""
 
     def __init__(self, rank: int, first: int = 2):
         self.path = os.environ.get("BENCH_PROFILE_STEPS") if rank == 0 else None
+        self.clock = time.process_time if os.environ.get("BENCH_PROFILE_CLOCK") == "cpu" else time.perf_counter
         self.first = first
         self.profiler = None
 
@@ -236,7 +368,7 @@ class StepProfile:
         if self.path and step == self.first:
             import cProfile
 
-            self.profiler = cProfile.Profile()
+            self.profiler = cProfile.Profile(self.clock)
             self.profiler.enable()
 
     def done(self) -> None:

@@ -3,8 +3,9 @@ AdamW with the same settings, gradient clipping 1.0 as DeepSpeed applies it; the
 
     python benchmarks/reference.py <checkpoint> <out.json> [--steps K]
 
-Every rank of the distributed runs trains on the same batch (one EP group; AutoEP given the same batch on every
-rank), so the data-parallel mean DeepSpeed computes is that batch's gradient: the reference trains on it alone.
+Every distributed variant trains on the same global batch per step (`common.step_batch`, --sequences sequences):
+split over the ranks (ep-ds-shim 0.3, AutoEP "split": the data-parallel mean of equal-sized slices is the whole
+batch's gradient) or whole on every rank (ep-ds-shim 0.2's EP group, AutoEP "same"); the reference trains on it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("out")
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--sequences", type=int, default=common.MICRO)
     args = parser.parse_args()
 
     import torch
@@ -38,7 +40,7 @@ def main() -> None:
     optimizer = common.adamw(model.parameters())
     losses = []
     for step in range(args.steps):
-        batch = common.step_batch(step, model.config.vocab_size)
+        batch = common.step_batch(step, model.config.vocab_size, args.sequences)
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), common.CLIP)

@@ -51,10 +51,21 @@ def timer(phase: dict, name: str, measure: str = "s") -> float:
     return phase.get("timers", {}).get(name, {}).get(measure, 0.0)
 
 
+def round_verdict(ratio: dict, target: float = 1.0) -> str:
+    """A per-round ratio against its target: met or missed only when every round agrees."""
+    if ratio["max"] <= target:
+        return "met (every round)"
+    if ratio["min"] > target:
+        return "missed (every round)"
+    return f"undecided: rounds on both sides of {target:g} (median {ratio['median']:.2f})"
+
+
 # --- table 1: shim vs AutoEP ------------------------------------------------------------------------------------
 
 
 def side_metrics(reports: list[dict], reference: list[float]) -> dict:
+    if reports == []:  # the job was not started (run.py: not enough free memory)
+        return {"ok": False, "error": "not run: not enough free memory", "where": "run.py"}
     if not reports or any(r.get("status") == "fails" for r in reports) or any("steps" not in r for r in reports):
         failed = next((r for r in reports if r.get("status") == "fails"), {})
         return {"ok": False, "error": failed.get("error", "no report"), "where": failed.get("error_where")}
@@ -137,10 +148,11 @@ def compare_tables(section: dict) -> tuple[list[str], dict]:
         once = [SIDE_NAMES.get(s_, s_) for s_ in sides if sum(s_ in rnd for rnd in run["rounds"]) < len(run["rounds"])]
         lines.append(f"**{run['checkpoint']}** ({run.get('family', 'qwen3_moe')}): {total:.0f} MB, {run['steps']} "
                      f"steps, {len(run['rounds'])} round(s)" + (f" ({', '.join(once)}: first round only)" if once else "")
-                     + f", transformers {section['transformers']}, 2 ranks, EP 2. The step's batch is "
-                     f"{MICRO_TEXT}: the shim's EP group and AutoEP both get all of it on every rank; 'batch split' "
-                     "gives each AutoEP rank half of it (AutoEP's data-parallel use, the same global batch). "
-                     "Rounds alternate the order of the sides; median (min-max) over rounds; ratios per round.")
+                     + f", transformers {section['transformers']}, 2 ranks, EP 2. The step's global batch is "
+                     f"{MICRO_TEXT}: each shim rank trains on its own half of it, as does each AutoEP rank with "
+                     "'batch split' (AutoEP's data-parallel use); plain 'AutoEP' gives every rank all of it (the "
+                     "batch ep-ds-shim 0.2's EP group shared). Rounds alternate the order of the sides; median "
+                     "(min-max) over rounds; ratios per round.")
         lines.append("")
         for side in others:
             failed = [a for a in metrics[side] if not a["ok"]]
@@ -171,22 +183,172 @@ def compare_tables(section: dict) -> tuple[list[str], dict]:
             lines.append(f"| {label} | " + " | ".join(fmt(common.spread(values[side]), digits) for side in sides)
                          + " | " + " | ".join(ratios) + " |")
         lines.append("")
-        base = others[0] if others else None
+        # the like-for-like side: AutoEP with the batch split over ranks, as the shim's ranks train
+        base = next((o for o in others if o.endswith("-split")), others[0] if others else None)
         if base and pairs[base]:
             ratio = common.spread([a_["to_first_step_s"] / b_["to_first_step_s"] for a_, b_ in pairs[base]])
-            if ratio["max"] <= 1.0:
-                word = "met (every round)"
-            elif ratio["min"] > 1.0:
-                word = "missed (every round)"
-            else:
-                word = f"undecided: rounds on both sides of 1 (median {ratio['median']:.2f})"
+            word = round_verdict(ratio)
             verdicts[f"first trained step, {run['checkpoint']}"] = {
-                "target": "shim no slower than AutoEP to a first trained step (load + initialize + first step, "
-                          "ratio <= 1)", "value": ratio, "met": ratio["max"] <= 1.0, "verdict": word}
+                "target": f"shim no slower than {SIDE_NAMES.get(base, base)} to a first trained step (load + "
+                          "initialize + first step, ratio <= 1)", "value": ratio, "met": ratio["max"] <= 1.0,
+                "verdict": word}
         exports = {m.get("export") for side in sides[1:] for m in metrics[side] if m["ok"] and m.get("export")}
         if exports:
             lines.append(f"AutoEP export probe (`engine.save_16bit_model`, ZeRO-3): `{exports.pop()}`")
             lines.append("")
+    return lines, verdicts
+
+
+# --- table 1b: ZeRO-3 sharding under EP (issue 18) ---------------------------------------------------------------
+
+SHARD_NAMES = {"shim": "ep-ds-shim (this checkout)", "shim-0.2.0": "ep-ds-shim 0.2.0",
+               "autoep-plain-split": "AutoEP, batch split over ranks"}
+SHARD_SHORT = {"shim-0.2.0": "0.2.0", "autoep-plain-split": "A-split"}
+DENSE_TARGET = 1.10  # dense state per rank within 10% of 1/world
+
+SHARD_ROWS = [  # (label, metric, kind): e = abs diff, f = fraction, m = MB, t = seconds, n = count
+    ("dense parameters held / whole (ds_tensor.numel() / ds_numel, largest rank)", "dense_fraction", "f"),
+    ("dense parameters held whole on a rank (of all dense parameters)", "dense_whole_params", "n"),
+    ("dense parameters held, MB", "dense_held_mb", "m"),
+    ("dense optimizer state held (fp32 master + Adam moments), MB", "dense_optimizer_mb", "m"),
+    ("... the same unpartitioned, MB", "dense_optimizer_full_mb", "m"),
+    ("expert parameters held, MB", "expert_held_mb", "m"),
+    ("optimizer state held, all parameters, MB", "optimizer_mb", "m"),
+    ("peak RSS during load, MB (largest rank)", "load_peak_mb", "m"),
+    ("peak RSS during initialize, MB", "initialize_peak_mb", "m"),
+    ("peak RSS during training, MB", "steps_peak_mb", "m"),
+    ("load (from_pretrained) s", "load_s", "t"),
+    ("deepspeed.initialize s", "initialize_s", "t"),
+    ("first training step s", "first_step_s", "t"),
+    ("steady-state step s (median of steps 3+, slowest rank)", "steady_step_s", "t"),
+    ("steady-state step, CPU time s (largest rank)", "steady_step_cpu_s", "t"),
+    ("loss after the last step, abs diff vs single process", "dloss_last", "e"),
+]
+
+
+def shard_metrics(reports: list[dict], reference: list[float]) -> dict:
+    """`side_metrics` (times, peaks, losses) plus the ZeRO-3 state of the rank holding the most."""
+    metrics = side_metrics(reports, reference)
+    if not metrics["ok"]:
+        return metrics
+    states = [r["zero3"] for r in reports if r.get("zero3")]
+    if states:
+        worst = max(states, key=lambda z: z["dense_fraction"] or 0)
+        metrics.update(
+            world=worst["world"], dense_params=worst["dense_params"],
+            dense_fraction=max(z["dense_fraction"] for z in states),
+            dense_whole_params=max(z["dense_whole_params"] for z in states),
+            dense_held_mb=max(z["dense_held_bytes"] for z in states) / MB,
+            dense_optimizer_mb=max(z["dense_optimizer_bytes"] for z in states) / MB,
+            dense_optimizer_full_mb=max(z["dense_optimizer_full_bytes"] for z in states) / MB,
+            expert_held_mb=max(z["expert_held_bytes"] for z in states) / MB,
+            optimizer_mb=max(z["optimizer_bytes"] for z in states) / MB)
+    return metrics
+
+
+def dense_verdict(fraction: float, world: int) -> tuple[float, bool]:
+    """The dense fraction a rank holds over 1/world, and whether it is within DENSE_TARGET of it."""
+    over = fraction * world
+    return over, over <= DENSE_TARGET
+
+
+def _shard_cell(values: list, kind: str) -> str:
+    if not values:
+        return "-"
+    if kind == "e":
+        return f"{max(values):.1e}"
+    if kind == "f":
+        return f"{max(values):.3f}"
+    if kind == "n":
+        return f"{max(values):.0f}"
+    return fmt(common.spread(values), 0 if kind == "m" else 2)
+
+
+def shard_tables(section: dict) -> tuple[list[str], dict]:
+    lines, verdicts = [], {}
+    sequences = section.get("sequences")
+    baseline = section.get("baseline", {})
+    cpus = os.cpu_count() or 1
+    for run in section.get("runs", []):
+        total = run["bytes"]["total"] / MB
+        dense = run["bytes"]["dense"] / MB
+        ranks = run["ranks"]
+        head = (f"**{run['checkpoint']}** ({total:.0f} MB, dense {dense:.0f} MB = {dense / total:.1%}), {ranks} ranks, "
+                f"EP {ranks} (dp 1)")
+        if run.get("skipped"):
+            lines += [f"{head}: skipped ({run['skipped']}).", ""]
+            continue
+        reference = run["reference"]["losses"]
+        sides = list(SHARD_NAMES)
+        metrics = {side: [shard_metrics(rnd[side], reference) for rnd in run["rounds"] if rnd.get(side)]
+                   for side in sides}
+        others = [s_ for s_ in sides if s_ != "shim"]
+        oversubscribed = ranks > cpus
+        lines += [
+            f"{head}, {run['steps']} steps, {len(run['rounds'])} round(s), transformers {section['transformers']}. "
+            f"Every side trains on the same global batch per step, {sequences} sequences x {common.SEQ} tokens: "
+            f"ep-ds-shim (this checkout) and AutoEP split it over the ranks ({sequences // ranks} "
+            f"sequence{'s' if sequences // ranks != 1 else ''} each); "
+            f"ep-ds-shim {baseline.get('version')} (commit {baseline.get('commit')}, its own environment) gives every "
+            "rank of its EP group all of it (its contract: DeepSpeed got the layout's `mpu`, whose data-parallel "
+            "group at dp 1 is the rank alone). One step is one global batch for every side, so step times compare "
+            "per global batch. Memory is per rank after the steps (largest rank); the dense/expert split counts a "
+            "parameter as an expert when DeepSpeed marks it a MoE parameter or it sits in an `experts` module. "
+            "Median (min-max) over rounds; ratios per round (rounds alternate the order of the sides)."
+            + (f" {ranks} ranks share {cpus} cores here: times are shown, not judged." if oversubscribed else ""),
+            ""]
+        for side in others:
+            failed = [m for m in metrics[side] if not m["ok"]]
+            if failed:
+                lines += [f"{SHARD_NAMES[side]} failed: `{failed[0]['error']}` at `{failed[0]['where']}`", ""]
+        missing = [SHARD_NAMES[s_] for s_ in sides if not metrics[s_]]
+        if missing:
+            lines += [f"Not measured (skipped: not enough free memory on the shared machine): {', '.join(missing)}.",
+                      ""]
+        pairs = {o: [] for o in others}
+        for rnd in run["rounds"]:
+            for o in others:
+                if rnd.get("shim") and rnd.get(o):
+                    one, other = shard_metrics(rnd["shim"], reference), shard_metrics(rnd[o], reference)
+                    if one["ok"] and other["ok"]:
+                        pairs[o].append((one, other))
+        lines += ["| measure | " + " | ".join(SHARD_NAMES[s_] for s_ in sides) + " | "
+                  + " | ".join(f"shim / {SHARD_SHORT[o]}" for o in others) + " |",
+                  "|---|" + "---|" * (len(sides) + len(others))]
+        for label, key, kind in SHARD_ROWS:
+            values = {side: [m[key] for m in metrics[side] if m["ok"] and m.get(key) is not None] for side in sides}
+            if not any(values.values()):
+                continue
+            ratios = [fmt(common.spread([a[key] / b[key] for a, b in pairs[o] if a.get(key) and b.get(key)]), 2)
+                      if kind in ("m", "t") else "" for o in others]
+            if key == "dense_whole_params":
+                cells = [f"{max(values[s_]):.0f} of {metrics[s_][0]['dense_params']}" if values[s_] else "-"
+                         for s_ in sides]
+            else:
+                cells = [_shard_cell(values[s_], kind) for s_ in sides]
+            lines.append(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+        lines.append("")
+        name = f"{run['checkpoint']}, {ranks} ranks"
+        shim = [m for m in metrics["shim"] if m["ok"] and m.get("dense_fraction") is not None]
+        if shim:
+            over, met = dense_verdict(max(m["dense_fraction"] for m in shim), ranks)
+            verdicts[f"dense state per rank, {name}"] = {
+                "target": f"within 10% of 1/world (held / whole x world <= {DENSE_TARGET:.2f})",
+                "value": {"median": over, "min": over, "max": over, "n": 1}, "met": met}
+        split = pairs.get("autoep-plain-split")
+        if split and not oversubscribed:
+            ratio = common.spread([a["steady_step_s"] / b["steady_step_s"] for a, b in split
+                                   if a.get("steady_step_s") and b.get("steady_step_s")])
+            if ratio:
+                verdicts[f"steady-state step, {name}"] = {
+                    "target": "shim no slower than AutoEP with the batch split over ranks (ratio <= 1)",
+                    "value": ratio, "met": ratio["max"] <= 1.0, "verdict": round_verdict(ratio)}
+            cpu = common.spread([a["steady_step_cpu_s"] / b["steady_step_cpu_s"] for a, b in split
+                                 if a.get("steady_step_cpu_s") and b.get("steady_step_cpu_s")])
+            if cpu:  # what the step costs a rank, without the waits for cores and for the other rank
+                verdicts[f"steady-state step CPU time, {name}"] = {
+                    "target": "shim / AutoEP split, the same in CPU seconds (largest rank; not waiting)",
+                    "value": cpu, "met": cpu["max"] <= 1.0, "verdict": round_verdict(cpu)}
     return lines, verdicts
 
 
@@ -570,6 +732,81 @@ def profile_lines(section: dict) -> list[str]:
     return lines + [""]
 
 
+# --- where a training step's time goes (BENCH_PROFILE_STEPS dumps) ------------------------------------------------
+
+# (category, [(file suffix, or None for a builtin, function names), ...]): cumulative seconds of the matching entries.
+C10D = "torch/distributed/distributed_c10d.py"
+ENGINE = "deepspeed/runtime/engine.py"
+STEP_CATEGORIES = [
+    ("forward (engine)", [(ENGINE, ("forward",))]),
+    ("backward (engine)", [(ENGINE, ("backward",))]),
+    ("optimizer step (engine.step: ZeRO-3 gradient reductions, clipping, Adam)", [(ENGINE, ("step",))]),
+    ("  Adam (torch.optim)", [("torch/optim/adam.py", ("adam",))]),
+    ("  gradient norm (ZeRO-3)", [("deepspeed/runtime/zero/stage3.py", ("get_grad_norm_direct",))]),
+    ("token all-to-all (c10d calls, functional collectives and their waits)", [
+        (C10D, ("all_to_all_single", "all_to_all")),
+        (None, ("<built-in method torch._ops._c10d_functional.all_to_all_single>",
+                "<built-in method torch._ops._c10d_functional.wait_tensor>"))]),
+    ("ZeRO-3 parameter all-gathers", [(C10D, ("all_gather_into_tensor", "all_gather", "_all_gather_base"))]),
+    ("ZeRO-3 gradient reduce-scatters", [(C10D, ("reduce_scatter_tensor", "reduce_scatter", "_reduce_scatter_base"))]),
+    ("all_reduce (losses, norms)", [(C10D, ("all_reduce",))]),
+    ("c10d Work.wait (inside the synchronous c10d collectives above, and ZeRO-3's prefetches)",
+     [(None, ("<built-in method torch._C._distributed_c10d.wait>",))]),
+    ("host reads of tensors (.item / .tolist / .cpu)", [
+        (None, ("<method 'item' of 'torch._C.TensorBase' objects>", "<method 'tolist' of 'torch._C.TensorBase' objects>",
+                "<method 'cpu' of 'torch._C.TensorBase' objects>"))]),
+]
+
+
+def step_profile(stats: dict, steps: int) -> list[dict]:
+    """Per training step: seconds and calls of each STEP_CATEGORIES entry in a cProfile `pstats.Stats(...).stats`
+    dict of `steps` profiled steps (a category of several functions sums them; the collectives do not nest)."""
+    out = []
+    for label, matchers in STEP_CATEGORIES:
+        seconds = calls = 0
+        for (file, _line, func), (_cc, nc, _tt, ct, _callers) in stats.items():
+            if any(func in names and (file.endswith(suffix) if suffix else file == "~") for suffix, names in matchers):
+                seconds += ct
+                calls += nc
+        out.append({"what": label, "s": seconds / steps, "calls": calls / steps})
+    return out
+
+
+def step_profile_lines(section: dict) -> list[str]:
+    profiles = section.get("step_profiles") or {}
+    if not profiles:
+        return []
+    import pstats
+
+    sides = [s_ for s_ in SHARD_NAMES if s_ in profiles]
+    columns = {}
+    for side in sides:
+        entry = profiles[side]
+        path = entry["file"]
+        if not os.path.isabs(path):
+            path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+        if os.path.exists(path):
+            columns[side] = {e["what"]: e for e in step_profile(pstats.Stats(path).stats, entry["steps"])}
+    if not columns:
+        return []
+    first = profiles[sides[0]]
+    clock = first.get("clock", "wall")
+    lines = [f"Where a steady-state step goes: cProfile of rank 0 (`BENCH_PROFILE_STEPS`, {clock} clock), "
+             f"{first['checkpoint']}, {first['ranks']} ranks, {first['steps']} steps profiled after 2 unprofiled ones, "
+             "one job per side; seconds per step (calls per step). "
+             + ("CPU seconds of the process (its gloo threads included): the work, without waiting for a core or "
+                "for the other rank." if clock == "cpu" else
+                "Wall seconds: collectives include waiting for the other rank.") + " Categories may nest (the "
+             "engine's forward, backward and step contain the rest).", "",
+             "| where | " + " | ".join(SHARD_NAMES[s_] for s_ in columns) + " |", "|---|" + "---|" * len(columns)]
+    for label, _matchers in STEP_CATEGORIES:
+        cells = [columns[s_][label] for s_ in columns]
+        if not any(c["calls"] for c in cells):
+            continue
+        lines.append(f"| {label} | " + " | ".join(f"{c['s']:.3f} ({c['calls']:.0f})" for c in cells) + " |")
+    return lines + [""]
+
+
 # --- the document -----------------------------------------------------------------------------------------------
 
 
@@ -583,11 +820,19 @@ def markdown(results: dict) -> str:
         f"{results.get('seconds', 0) / 60:.1f} min.",
         "",
     ]
+    if results.get("not_run"):
+        lines += [f"A partial run: the sections {', '.join(results['not_run'])} were not run, so their tables are "
+                  "not in this file (see its git history, or run `./run.sh bench` for all of them).", ""]
     verdicts = {}
     if "compare" in sections:
         lines += ["### 1. ep-ds-shim vs DeepSpeed AutoEP (same checkpoint, ranks, batches)", ""]
         body, v = compare_tables(sections["compare"])
         lines += body
+        verdicts.update(v)
+    if "shard" in sections:
+        lines += ["### 1b. ZeRO-3 sharding under EP: this checkout vs ep-ds-shim 0.2.0 vs AutoEP, batch split", ""]
+        body, v = shard_tables(sections["shard"])
+        lines += body + step_profile_lines(sections["shard"])
         verdicts.update(v)
     growth_metrics_ = []
     if "growth" in sections:

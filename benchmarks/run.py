@@ -1,6 +1,6 @@
 """Benchmarks: ep-ds-shim against DeepSpeed AutoEP, at a realistic size, with targets the run decides itself.
 
-    ./run.sh bench             # = python benchmarks/run.py: the full run (< 15 minutes on an idle 2-core machine)
+    ./run.sh bench             # = python benchmarks/run.py: the full run (about 25 minutes on an idle 2-core machine)
     ./run.sh bench --quick     # small checkpoints only (a few minutes)
     python benchmarks/run.py --sections compare,ratio --max-minutes 20
 
@@ -8,12 +8,19 @@ Everything runs in fresh gloo jobs on this machine's CPU; every figure is a rati
 the same run, or an absolute figure with the spread of its repeats. Tables (printed, written to
 benchmarks/results.md with the command and date, and to build/bench/results.json):
 
-1. shim vs AutoEP on the same checkpoint, ranks and batches: DeepSpeed AutoEP (0.19.8) fails inside
-   `deepspeed.initialize` on transformers 5.23+, so both sides run on transformers 5.22.2, in an environment of
-   their own (build/venvs/bench-autoep, made once like run.sh makes one). Loss after one and after several steps
-   against a single-process model; load time; peak RSS per rank; deepspeed.initialize; first step; steady-state
-   step; as shim/AutoEP ratios per round (rounds alternate which side runs first). The AutoEP failure on the main
-   environment's release is re-measured in the same run.
+1. shim vs AutoEP on the same checkpoint, ranks and global batches (each shim rank trains on its own slice, as
+   AutoEP's "split" side does): DeepSpeed AutoEP (0.19.8) fails inside `deepspeed.initialize` on transformers
+   5.23+, so both sides run on transformers 5.22.2, in an environment of their own (build/venvs/bench-autoep, made
+   once like run.sh makes one). Loss after one and after several steps against a single-process model; load time;
+   peak RSS per rank; deepspeed.initialize; first step; steady-state step; as shim/AutoEP ratios per round (rounds
+   alternate which side runs first). The AutoEP failure on the main environment's release is re-measured in the
+   same run.
+1b. ZeRO-3 sharding under EP at ep = world (section "shard"): this checkout against ep-ds-shim 0.2.0 (commit
+   04aa7ff, in an environment of its own, build/venvs/bench-baseline-0.2.0: DeepSpeed got the layout's mpu, every
+   rank of an EP group trained on the same batch) and AutoEP with the batch split over ranks, on the same global
+   batch per step: the dense parameters each rank holds (`ds_tensor.numel()` / `ds_numel`, target within 10% of
+   1/world), the optimizer state, peak RSS, and the steady-state step (target: no slower than AutoEP split).
+   Large training jobs wait for enough free memory (--memory-wait) and are skipped, and say so, if it never comes.
 2. realistic size (>= 1.5 GB, 64 experts per layer), 2 and 4 ranks: per rank load time, peak RSS against the
    bytes the rank must hold, the integrity fingerprints and `verify_expert_integrity` as % of load time.
 3. cost growth over experts (64 vs 128 per layer, same expert size) x ranks (2 vs 4).
@@ -29,7 +36,7 @@ benchmarks/results.md with the command and date, and to build/bench/results.json
 
 Checkpoints (qwen3_moe, built locally with ep_ds_shim.testing.build_tiny_moe) are built once under build/bench and
 reused while their stamp matches. `BENCH_PROFILE=out.prof` in a worker's environment profiles its rank 0
-(cProfile).
+(cProfile); `BENCH_PROFILE_STEPS=out.prof` its steady-state training steps.
 """
 
 from __future__ import annotations
@@ -69,24 +76,31 @@ COMMON_SIZES = dict(vocab_size=1024, top_k=2)
 PLANS = {
     "quick": {
         # (checkpoint, steps, rounds, AutoEP's variants as load[:batch]: every one in the first round, the first after)
-        "compare": [("small-64", 6, 2, "plain,plain:split"), ("mixtral-small-64", 6, 1, "plain")],
+        "compare": [("small-64", 6, 2, "plain:split,plain"), ("mixtral-small-64", 6, 1, "plain:split")],
         "growth": {"sizes": ("small-64", "small-128"), "ranks": (2, 4)},
         "export": {"sizes": ("small-64", "small-128"), "ranks": (2, 4)},
         "ratio": "small-64",
         "ratio_jobs": 3,
-        "minutes": 6.0,
+        # (checkpoint, ranks, steps, rounds): every side in every round, rounds alternating the order
+        "shard": [("small-64", 2, 6, 2), ("small-64", 4, 3, 1)],
+        "minutes": 10.0,
     },
     "full": {
-        "compare": [("medium-64", 12, 3, "plain,plain:split"), ("mixtral-small-64", 6, 1, "plain"),
-                    ("large-64", 3, 2, "plain,plain:split")],
+        "compare": [("medium-64", 12, 3, "plain:split,plain"), ("mixtral-small-64", 6, 1, "plain:split"),
+                    ("large-64", 3, 2, "plain:split,plain")],
         "growth": {"sizes": ("large-64", "large-128"), "ranks": (2, 4)},
         "export": {"sizes": ("large-64", "large-128"), "ranks": (2, 4)},
         "ratio": "large-64",
         "ratio_jobs": 12,
-        "minutes": 14.0,
+        "shard": [("large-64", 2, 5, 2), ("medium-64", 4, 4, 1)],
+        "minutes": 25.0,
     },
 }
-SECTIONS = ("overhead", "compare", "growth", "export", "profile", "ratio")
+SECTIONS = ("overhead", "compare", "shard", "growth", "export", "profile", "ratio")
+# The shard section's global batch: sequences per optimizer step, the same for every side (split over 2 or 4 ranks).
+SHARD_SEQUENCES = 4
+# Its sides: (name, batch mode); which python runs them is in Bench.shard_side.
+SHARD_SIDES = (("shim", "split"), ("shim-0.2.0", "same"), ("autoep-plain-split", "split"))
 
 
 def family_of(size: str) -> str:
@@ -133,23 +147,25 @@ class Bench:
         stamp.write_text(json.dumps({"sizes": want, "built_with_transformers": transformers.__version__}))
         return path
 
-    def env(self, autoep_env: bool = False) -> dict:
+    def env(self, autoep_env: bool = False, baseline_env: bool = False) -> dict:
         env = {"PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false",
                "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / "build" / "torch_extensions"))}
         if autoep_env:
             env.update(envs.autoep_env_vars())
+        if baseline_env:
+            env.update(envs.baseline_env_vars())
         return {**os.environ, **env}
 
-    def job(self, name: str, python, script: str, args: list, nproc: int, *, autoep_env=False, allow_fail=False,
-            timeout: float = 1800) -> tuple[int, list[dict]]:
+    def job(self, name: str, python, script: str, args: list, nproc: int, *, autoep_env=False, baseline_env=False,
+            allow_fail=False, timeout: float = 1800) -> tuple[int, list[dict]]:
         """One fresh torchrun job; returns (exit status, every rank's report sorted by rank)."""
         from ep_ds_shim.testing import run_job
 
         argv = [str(python), "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
                 "--master_port={port}", str(HERE / script), *map(str, args)]
         started = time.monotonic()
-        result = run_job(argv, nproc=nproc, env=self.env(autoep_env), timeout=timeout, report_dir=OUT)
+        result = run_job(argv, nproc=nproc, env=self.env(autoep_env, baseline_env), timeout=timeout, report_dir=OUT)
         (self.logs / f"{name}.log").write_text(" ".join(shlex.quote(a) for a in argv) + "\n" + result.output)
         reports = sorted(result.reports, key=lambda r: r["rank"])
         self.log(f"  {name}: {time.monotonic() - started:.0f}s wall, exit {result.returncode}")
@@ -220,6 +236,10 @@ print(json.dumps(dict(enter_exit_install_us=enter_exit_cold * 1e6, enter_exit_in
                 order = sides if index % 2 == 0 else sides[::-1]
                 round_ = {"order": list(order)}
                 for side in order:
+                    if not self.wait_for_memory(common.training_memory_mb(run["bytes"], 2),
+                                                f"compare-{size}-r{index}-{side}"):
+                        round_[side] = []
+                        continue
                     if side == "shim":
                         _, round_["shim"] = self.job(f"compare-{size}-r{index}-shim", autoep_python, "bench_worker.py",
                                                      ["train", path, "{json}", "--steps", steps], 2, autoep_env=True)
@@ -234,6 +254,111 @@ print(json.dumps(dict(enter_exit_install_us=enter_exit_cold * 1e6, enter_exit_in
                 run["rounds"].append(round_)
             out["runs"][size] = run
         return out
+
+    def shard(self) -> dict:
+        """Table 1b (issue 18): what ZeRO-3 holds per rank and the steady-state step at ep = world, this checkout
+        against ep-ds-shim 0.2.0 (its own environment: DeepSpeed got the layout's mpu, every rank of an EP group the
+        same batch) and DeepSpeed AutoEP with the batch split over ranks; the same global batch for every side."""
+        pythons = {"autoep": envs.ensure_autoep_env(log=self.log), "baseline": envs.ensure_baseline_env(log=self.log)}
+        out = {"transformers": envs.AUTOEP_TRANSFORMERS, "sequences": SHARD_SEQUENCES,
+               "baseline": {"version": envs.BASELINE_VERSION, "commit": envs.BASELINE_COMMIT}, "runs": []}
+        for size, nproc, steps, rounds in self.plan["shard"]:
+            path = self.checkpoint(size)
+            bytes_ = common.checkpoint_bytes(path)
+            run = {"checkpoint": path.name, "size": size, "family": family_of(size), "bytes": bytes_,
+                   "ranks": nproc, "steps": steps, "rounds": []}
+            if size.startswith("large") and self.left() < 60 * (8 if not self.args.quick else 1):
+                self.log(f"shard {size}: skipped, not enough time left in the budget ({self.left():.0f}s)")
+                run["skipped"] = "time budget"
+                out["runs"].append(run)
+                continue
+            reference = OUT / f"reference-{size}-{steps}x{SHARD_SEQUENCES}.json"
+            self.log(f"shard on {path.name}, {nproc} ranks ({steps} steps, {rounds} round(s)): reference")
+            subprocess.run([str(pythons["autoep"]), str(HERE / "reference.py"), str(path), str(reference), "--steps",
+                            str(steps), "--sequences", str(SHARD_SEQUENCES)], check=True, env=self.env(True),
+                           capture_output=True)
+            run["reference"] = json.loads(reference.read_text())
+            for index in range(rounds):
+                order = list(SHARD_SIDES) if index % 2 == 0 else list(SHARD_SIDES)[::-1]
+                round_ = {"order": [name for name, _ in order]}
+                for name, batch in order:
+                    job_name = f"shard-{size}-{nproc}ranks-r{index}-{name}"
+                    if not self.wait_for_memory(common.training_memory_mb(bytes_, nproc), job_name):
+                        round_[name] = []
+                        continue
+                    _, round_[name] = self.shard_side(job_name, name, batch, path, nproc, steps, pythons)
+                run["rounds"].append(round_)
+            out["runs"].append(run)
+            if "step_profiles" not in out and nproc <= (os.cpu_count() or 1) and (
+                    self.args.profile_steps or self.shim_slower(run)):
+                out["step_profiles"] = self.profile_steps(path, nproc, steps, pythons)
+        return out
+
+    @staticmethod
+    def shim_slower(run) -> bool:
+        """The shim's steady-state step was slower than AutoEP split's in some round (then the run profiles both)."""
+        reference = run["reference"]["losses"]
+        for rnd in run["rounds"]:
+            if rnd.get("shim") and rnd.get("autoep-plain-split"):
+                one = render.shard_metrics(rnd["shim"], reference)
+                other = render.shard_metrics(rnd["autoep-plain-split"], reference)
+                if one["ok"] and other["ok"] and (one["steady_step_s"] or 0) > (other["steady_step_s"] or 0):
+                    return True
+        return False
+
+    def profile_steps(self, path, nproc, steps, pythons) -> dict:
+        """One more job of the shim and of AutoEP split with `BENCH_PROFILE_STEPS`: cProfile of rank 0's steps from
+        the third on, where the step time goes (render.step_profile)."""
+        out = {}
+        for name, batch in (("shim", "split"), ("autoep-plain-split", "split")):
+            prof = OUT / f"profile-steps-{name}.prof"
+            prof.unlink(missing_ok=True)
+            job_name = f"shard-profile-steps-{name}"
+            if not self.wait_for_memory(common.training_memory_mb(common.checkpoint_bytes(path), nproc), job_name):
+                continue
+            os.environ.update(BENCH_PROFILE_STEPS=str(prof), BENCH_PROFILE_CLOCK=self.args.profile_clock)
+            try:
+                self.shard_side(job_name, name, batch, path, nproc, steps, pythons)
+            finally:
+                os.environ.pop("BENCH_PROFILE_STEPS", None)
+                os.environ.pop("BENCH_PROFILE_CLOCK", None)
+            if prof.exists():
+                out[name] = {"file": str(prof.relative_to(REPO)), "checkpoint": path.name, "ranks": nproc,
+                             "steps": steps - 2, "clock": self.args.profile_clock}
+        return out
+
+    def shard_side(self, job_name, name, batch, path, nproc, steps, pythons):
+        common_args = ["--steps", steps, "--sequences", SHARD_SEQUENCES, "--batch", batch]
+        if name.startswith("autoep"):
+            return self.job(job_name, pythons["autoep"], "autoep_worker.py",
+                            [path, "{json}", "--family", family_of(path.name), "--load", "plain", *common_args],
+                            nproc, autoep_env=True, allow_fail=True)
+        baseline = name != "shim"
+        rc, reports = self.job(job_name, pythons["baseline" if baseline else "autoep"], "bench_worker.py",
+                               ["train", path, "{json}", *common_args], nproc, autoep_env=not baseline,
+                               baseline_env=baseline)
+        wanted = envs.baseline_env_dir() if baseline else REPO
+        where = {r.get("ep_ds_shim_file") for r in reports}
+        if any(not str(f).startswith(str(wanted)) for f in where):  # PYTHONPATH or an editable install shadowed it
+            raise RuntimeError(f"{job_name}: ran ep_ds_shim from {where}, expected it under {wanted}")
+        return rc, reports
+
+    def wait_for_memory(self, need_mb: float, name: str) -> bool:
+        """Wait (up to --memory-wait minutes) until the machine has `need_mb` available: others share it, and a
+        job that runs it out of memory kills theirs too. False (the job is skipped) if it never does."""
+        deadline = time.monotonic() + 60 * self.args.memory_wait
+        logged = False
+        while True:
+            available = common.available_mb()
+            if available is None or available >= need_mb:
+                return True
+            if time.monotonic() >= deadline:
+                self.log(f"  {name}: skipped, {available:.0f} MB available, it needs about {need_mb:.0f} MB")
+                return False
+            if not logged:
+                self.log(f"  {name}: waiting for {need_mb:.0f} MB of memory ({available:.0f} MB available)")
+                logged = True
+            time.sleep(15)
 
     def growth(self) -> dict:
         """Tables 2 and 3: load, fingerprints and integrity check at the realistic sizes, 2 and 4 ranks."""
@@ -316,7 +441,8 @@ print(json.dumps(dict(enter_exit_install_us=enter_exit_cold * 1e6, enter_exit_in
     def run(self) -> dict:
         sections = self.args.sections.split(",")
         self.results.update(command=self.args.command, date=datetime.datetime.now().isoformat(timespec="seconds"),
-                            mode="quick" if self.args.quick else "full", machine=render.machine())
+                            mode="quick" if self.args.quick else "full", machine=render.machine(),
+                            not_run=[s for s in SECTIONS if s not in sections])
         for section in SECTIONS:
             if section not in sections:
                 continue
@@ -341,7 +467,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small checkpoints only")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
-    parser.add_argument("--max-minutes", type=float, help="time budget of the whole run (default: 14 full, 6 quick)")
+    parser.add_argument("--max-minutes", type=float, help="time budget of the whole run (default: 25 full, 10 quick)")
     parser.add_argument("--precision", type=float, default=0.015,
                         help="stop adding load pairs once the median ratio's 95%% CI half-width is below this")
     parser.add_argument("--min-pairs", type=int, default=24)
@@ -349,8 +475,17 @@ def main(argv=None) -> int:
     parser.add_argument("--max-ratio-jobs", type=int, help="cap on the ratio section's jobs (default 10 full, 3 quick)")
     parser.add_argument("--autoep-variants",
                         help="AutoEP's sides, comma-separated load[:batch]: load plain (from_pretrained on every rank, "
-                             "as its docs do) or zinit (under zero.Init); batch same (every rank the step's batch, "
-                             "default) or split (each rank a slice: the same global batch); e.g. plain,plain:split,zinit")
+                             "as its docs do) or zinit (under zero.Init); batch same (every rank all of the step's "
+                             "global batch, as ep-ds-shim 0.2's EP group trained; default) or split (each rank a "
+                             "slice, as the shim's ranks train); e.g. plain:split,plain,zinit")
+    parser.add_argument("--profile-steps", action="store_true",
+                        help="shard section: profile the steady-state steps of the shim and AutoEP split even when "
+                             "the shim is not slower (it does when it is)")
+    parser.add_argument("--profile-clock", choices=["cpu", "wall"], default="cpu",
+                        help="the step profile's clock: this process's CPU seconds (default: the work, without the "
+                             "waits a shared machine adds) or wall seconds (with the waits for the other rank)")
+    parser.add_argument("--memory-wait", type=float, default=10.0,
+                        help="minutes a large training job waits for enough free memory before it is skipped")
     parser.add_argument("--render-only", action="store_true", help="re-render build/bench/results.json")
     args = parser.parse_args(argv)
     rest = "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))

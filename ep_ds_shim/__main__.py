@@ -19,10 +19,17 @@ def main(argv=None) -> int:
                        "with a single-process model")
     verify_parser.add_argument("--model-type", action="append", dest="model_types",
                                help="a model type to check (repeatable; default: every MoE family with an EP plan)")
+    verify_parser.add_argument("--model-dir", "--config", dest="model_dir", default=None,
+                               help="your checkpoint (or its config.json's directory): check this architecture, "
+                                    "shrunk to a tiny random model (no weights are read)")
     verify_parser.add_argument("--ep-size", type=int, default=None, help="expert-parallel size (default: world size)")
     verify_parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     verify_parser.add_argument("--work-dir", default=None, help="where tiny checkpoints and exports go")
     verify_parser.add_argument("--json", default=None, help="write each rank's results here ({rank} is replaced)")
+    verify_parser.add_argument("--tolerance", type=float, default=None,
+                               help="relative tolerance (default: 1e-5 on CPU, 1e-4 on CUDA)")
+    verify_parser.add_argument("--verbose", action="store_true",
+                               help="show what other libraries print (held back by default) and whole messages")
     verify_parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.command == "doctor":
@@ -33,6 +40,9 @@ def main(argv=None) -> int:
         else:
             doctor.print_human(report)
         return 0 if report["ok"] else 1
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", args.device)  # before DeepSpeed is imported, or it guesses (with a warning)
     from . import verify  # needs torch, transformers and DeepSpeed; the doctor must run without them
 
     return verify.main(args)

@@ -1,8 +1,9 @@
 """`python -m ep_ds_shim doctor [--json]`: what the shim would do on this machine, and why.
 
-It imports what it reports (a version read from metadata says nothing about whether the package works), runs
-every shape check even on a release the shim would refuse, and says each problem once, with what to do.
-Exit status 0 when the shim would work here, 1 when something would make it refuse.
+It imports what it reports (a version read from metadata says nothing about whether the package works), checks
+transformers' own requirements (an import does not show them unmet: `releases/requirements.py`), runs every shape
+check even on a release the shim would refuse, and says each problem once, with what to do.
+Exit status 0 when the shim would work here, 1 when something would make it refuse or make transformers fail.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import platform
 import sys
 from importlib import metadata
 
-from .releases import support, support_table
+from .releases import requirements, support, support_table
 from .version import __version__
 
-# What the shim needs at run time, in the order a broken one explains the rest.
-DEPENDENCIES = ("torch", "wrapt", "transformers", "deepspeed")
-OPTIONAL = ("accelerate",)
+# What the documented paths need at run time, in the order a broken one explains the rest (accelerate: transformers'
+# EP load needs it for its device map; every one of them is a requirement of the ep-ds-shim package).
+DEPENDENCIES = ("torch", "wrapt", "transformers", "deepspeed", "accelerate")
 
 
 def _version(distribution: str) -> str | None:
@@ -28,13 +29,17 @@ def _version(distribution: str) -> str | None:
         return None
 
 
+def _import_problem_text(error: BaseException) -> str:
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first_line}"[:300]
+
+
 def _import_problem(module: str) -> str | None:
     """None when `module` imports; else one line saying why not."""
     try:
         importlib.import_module(module)
     except Exception as error:  # noqa: BLE001 - any import failure is what the doctor reports
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        return f"{type(error).__name__}: {first_line}"[:300]
+        return _import_problem_text(error)
     return None
 
 
@@ -53,7 +58,7 @@ def _distributed_environment() -> dict:
 def diagnose() -> dict:
     """Everything the doctor reports, as data. Problems: (what is wrong, what to do), each once."""
     versions = {"python": platform.python_version(),
-                **{name: _version(name) for name in (*DEPENDENCIES, *OPTIONAL)}, "ep-ds-shim": __version__}
+                **{name: _version(name) for name in DEPENDENCIES}, "ep-ds-shim": __version__}
     report: dict = {
         "versions": versions,
         "verified_transformers": str(support.VERIFIED_TRANSFORMERS),
@@ -68,7 +73,7 @@ def diagnose() -> dict:
             problems.append({"problem": text, "what_to_do": todo})
 
     causes: dict[str, str] = {}  # a failure already reported -> the package it belongs to
-    for name in (*DEPENDENCIES, *OPTIONAL):
+    for name in DEPENDENCIES:
         failure = _import_problem(name)
         if failure in causes:  # e.g. DeepSpeed fails only because torch does: say it once, at its cause
             report["imports"][name] = f"fails because {causes[failure]} does not import"
@@ -76,20 +81,23 @@ def diagnose() -> dict:
         report["imports"][name] = failure or "ok"
         if failure:
             causes[failure] = name
-        if failure and name in DEPENDENCIES:
+        if failure:
             installed = versions.get(name)
             problem(f"{name} {'is not installed' if installed is None else installed + ' does not import'}: {failure}",
-                    f"install a working {name} (see the README's requirements), then run the doctor again")
+                    f"pip install '{_declared(name)}' (ep-ds-shim requires it), then run the doctor again")
     broken = {name for name in DEPENDENCIES if report["imports"][name] != "ok"}
+    _requirements(report, problem)
 
     transformers_version = versions["transformers"]
+    release_problem = None
     if transformers_version:
         try:
             support.check_transformers(transformers_version)
             report["transformers_supported"] = True
         except Exception as error:  # noqa: BLE001 - UnsupportedReleaseError, reported as data
             report["transformers_supported"] = False
-            problem(str(error).split(". ")[0] + ".", _release_advice(transformers_version))
+            release_problem = str(error).split(". ")[0] + "."
+            problem(release_problem, _release_advice(transformers_version))
         report["training_refused"] = support.training_defect(transformers_version)
         try:
             report["matrix"] = support_table.row_for(transformers_version)
@@ -97,7 +105,15 @@ def diagnose() -> dict:
             report["matrix"] = None
             problem(str(error), "reinstall ep-ds-shim")
     if not broken & {"torch", "wrapt", "transformers"}:
-        _shape_checks(report, transformers_version, problem)
+        try:
+            _shape_checks(report, transformers_version, problem)
+        except Exception as error:  # noqa: BLE001 - e.g. transformers' DeepSpeed integration needs a broken accelerate
+            problem(f"the shape checks could not run: {_import_problem_text(error)}",
+                    "fix the import reported above, then run the doctor again")
+        if report.get("transformers_supported") is False and not all(c["ok"] for c in report.get("checks", [])):
+            for item in problems:
+                if item["problem"] == release_problem:
+                    item["what_to_do"] = _release_advice(transformers_version, drifted=True)
     if "deepspeed" not in broken:
         try:
             support.check_deepspeed(versions["deepspeed"])
@@ -110,12 +126,42 @@ def diagnose() -> dict:
     return report
 
 
-def _release_advice(version: str) -> str:
+def _requirements(report: dict, problem) -> None:
+    """transformers' own requirements: an import does not show them unmet (transformers 5.25 without kernels>=0.19.1
+    imports, then fails every from_pretrained unless USE_HUB_KERNELS switches hub kernels off)."""
+    report["requirements_unmet"] = []
+    for unmet in requirements.unmet_requirements("transformers"):
+        switch = unmet.switch
+        report["requirements_unmet"].append({
+            "requirement": str(unmet.requirement), "found": unmet.found,
+            "switch": f"{switch.variable}={switch.off}" if switch else None, "switched_off": unmet.switched_off,
+        })
+        if not unmet.switched_off:
+            problem(unmet.describe(), unmet.advice())
+    report["unmeasured"] = requirements.features_on("transformers")
+
+
+def _declared(name: str) -> str:
+    """ep-ds-shim's own requirement on `name` as the installed package declares it (else the bare name)."""
+    from packaging.requirements import Requirement
+
+    for text in (metadata.requires("ep-ds-shim") if _version("ep-ds-shim") else None) or []:
+        requirement = Requirement(text)
+        if requirement.name.lower() == name and not requirement.marker:
+            return str(requirement)
+    return name
+
+
+def _release_advice(version: str, drifted: bool = False) -> str:
+    pin = f"pip install 'transformers{support.VERIFIED_TRANSFORMERS}'"
     if support.refusal_for(version):
-        return f"install a supported release: pip install 'transformers{support.VERIFIED_TRANSFORMERS}'"
+        return f"install a supported release: {pin}"
+    if drifted:  # the opt-in would be refused at the shape checks below: only pinning works
+        return (f"this release changed code the shim patches (the DRIFT lines below), so no opt-in can work: pin a "
+                f"verified release: {pin}")
     return (f"check this release on your machines with `torchrun --nproc_per_node 2 -m ep_ds_shim verify`; if it "
             f"passes, opt in with {support.ALLOW_UNVERIFIED_ENV}=1 or ep_zero3_compat(allow_unverified=True); or "
-            f"pin a verified release: pip install 'transformers{support.VERIFIED_TRANSFORMERS}'")
+            f"pin a verified release: {pin}")
 
 
 def _shape_checks(report: dict, version: str, problem) -> None:
@@ -172,7 +218,14 @@ def print_human(report: dict) -> None:
     out("ep-ds-shim doctor\n")
     out("  versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in report["versions"].items()) + "\n")
     broken = {name: status for name, status in report["imports"].items() if status != "ok"}
-    out("  imports: " + ("all ok" if not broken else "; ".join(f"{k}: {v}" for k, v in broken.items())) + "\n")
+    unmet = report.get("requirements_unmet", [])
+    imports = "; ".join(f"{k}: {v}" for k, v in broken.items()) if broken else "all import"
+    out("  imports: " + (imports if broken or unmet else "all ok") + "\n")
+    for item in unmet:
+        found = f"{item['found']} installed" if item["found"] else "not installed"
+        state = (f"; {item['switch']} is set, so transformers runs without it" if item["switched_off"] else
+                 f"; NOT switched off ({item['switch']} would)" if item["switch"] else "")
+        out(f"  transformers requirement UNMET: {item['requirement']} ({found}){state}\n")
     out(f"  verified: transformers {report['verified_transformers']}, deepspeed {report['verified_deepspeed']}\n")
     if "transformers_supported" in report:
         out(f"  transformers release verified: {'yes' if report['transformers_supported'] else 'NO'}\n")
@@ -204,9 +257,12 @@ def print_human(report: dict) -> None:
     dist = report["distributed"]
     out(f"  torch.distributed initialised: {dist['process_group_initialised']}; environment: {dist['environment'] or '{}'}\n")
     if report["problems"]:
-        out("  the shim would refuse:\n")
+        out("  problems (the shim would refuse, or transformers would fail):\n")
         for item in report["problems"]:
             out("    - " + item["problem"].replace("\n", "\n      ") + "\n")
             out("      what to do: " + item["what_to_do"] + "\n")
     else:
-        out("  result: OK\n")
+        switched = [f"{item['switch']} (no {item['requirement']})" for item in unmet]
+        out("  result: OK" + (f", with {', '.join(switched)}" if switched else "") + "\n")
+    for note in report.get("unmeasured", []):
+        out(f"  note: {note}\n")

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 
-from .errors import TargetDriftError
+from packaging.version import Version
+
+from .errors import TargetDriftError, UnsupportedReleaseError
 from .log import logger
 from .loading import entry, replica_mesh, zero3_question
 from .loading.gates import device_map, from_config, init_context, loader, missing_keys_init, missing_keys_to_device
@@ -27,7 +29,13 @@ from .loading.state import LOADING
 from .patching.scope import PatchSet, ScopeState
 from .patching.targets import Patch, ShapeReport, Target, check_shape, install, restore_all
 from .releases.lines import ReleaseLine, release_line_for
-from .releases.support import check_transformers, transformers_version
+from .releases.support import (
+    VERIFIED_TRANSFORMERS,
+    check_transformers,
+    first_unverified,
+    refusal_for,
+    transformers_version,
+)
 from .training import supply
 from .training.state import GROUPS
 
@@ -121,9 +129,20 @@ def make_plan(scope: ScopeState, line: ReleaseLine | None) -> Plan:
 
 
 def loading_plan(*, allow_unverified: bool = False) -> Plan:
-    """The loading block's plan on the installed transformers: version check first (UnsupportedReleaseError)."""
-    check_transformers(transformers_version(), allow_unverified=allow_unverified)
-    return make_plan(LOADING, release_line_for(transformers_version()))
+    """The loading block's plan on the installed transformers: version check first (UnsupportedReleaseError).
+
+    A release newer than the verified range whose patched code changed is refused with what changed and what to pin
+    (TargetDriftError), not with the advice to verify and opt in: the opt-in would end at the same shape checks."""
+    version = transformers_version()
+    try:
+        check_transformers(version, allow_unverified=allow_unverified)
+    except UnsupportedReleaseError:
+        if refusal_for(version) is None and Version(version) >= first_unverified():
+            plan = make_plan(LOADING, release_line_for(version))
+            if plan.problems:
+                raise drift_error(plan) from None
+        raise
+    return make_plan(LOADING, release_line_for(version))
 
 
 def drift_error(plan: Plan) -> TargetDriftError:
@@ -132,8 +151,9 @@ def drift_error(plan: Plan) -> TargetDriftError:
         advice = ("Another library replaced what ep-ds-shim patches; the shim never wraps another library's wrapper. "
                   "Disable that library's patch for the load (or apply it after the block), then try again.")
     else:
-        advice = ("The installed release changed code the shim patches. Pin a verified release (see "
-                  "docs/support-matrix.md) or report it with the output of `python -m ep_ds_shim doctor`.")
+        advice = (f"The installed release changed code the shim patches, so no opt-in can make it work. Pin a "
+                  f"verified release: pip install 'transformers{VERIFIED_TRANSFORMERS}'; or report this release with "
+                  "the output of `python -m ep_ds_shim doctor`.")
     return TargetDriftError(
         f"transformers {transformers_version()}: nothing was patched, because:\n  - " + "\n  - ".join(problems)
         + f"\n{advice}"

@@ -3,11 +3,11 @@
     torchrun --nproc_per_node 2 -m ep_ds_shim.run train.py --its --own --args
     accelerate launch -m ep_ds_shim.run train.py ...        deepspeed --module ep_ds_shim.run train.py ...
 
-For the whole script: `ep_zero3_compat(translate_legacy_spelling=True)` (EP loads under ZeRO-3 take the standard
-path; `DistributedConfig(enable_expert_parallel=True)` + `device_mesh` means EP over that mesh on every supported
-release) and `supply_deepspeed_groups()` (`deepspeed.initialize` on such a model gets the DP x EP groups, data
-parallel over ranks holding the same experts). The script must feed every rank of an EP group the same batch,
-as transformers' EP requires; the integrity guard still checks the experts after `deepspeed.initialize`.
+For the whole script: `ep_zero3_compat()` (EP loads under ZeRO-3 take the standard path; upstream's own spellings,
+`DistributedConfig(tp_size=N, ep_size=N)` and `DistributedConfig(enable_expert_parallel=True)` + `device_mesh`, load
+as EP with the dense layers whole) and `supply_deepspeed_groups()` (`deepspeed.initialize` on such a model gets
+DeepSpeed's expert groups: dense weights partitioned over every rank, each expert shard over its replicas). The
+integrity guard still checks the experts after `deepspeed.initialize`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     sys.argv = [args.script, *args.script_args]
-    with ep_zero3_compat(allow_unverified=args.allow_unverified, translate_legacy_spelling=True), supply_deepspeed_groups():
+    with ep_zero3_compat(allow_unverified=args.allow_unverified), supply_deepspeed_groups():
         runpy.run_path(args.script, run_name="__main__")
     return 0
 

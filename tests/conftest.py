@@ -19,6 +19,27 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(BUILD / "torch_extensions"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def _switches() -> dict[str, str]:
+    """The switches the installed transformers needs to run here despite an unmet requirement of its own (5.25
+    without kernels>=0.19.1: USE_HUB_KERNELS=0), applied unless the caller set them; shown in pytest's header."""
+    from ep_ds_shim.releases.requirements import switches_needed
+
+    applied = {name: value for name, value in switches_needed().items() if name not in os.environ}
+    os.environ.update(applied)
+    return applied
+
+
+SWITCHES = _switches()
+
+
+def pytest_report_header(config):
+    from ep_ds_shim.releases.requirements import unmet_requirements
+
+    return [f"{u.describe()}; tests run with {u.switch.variable}={os.environ.get(u.switch.variable)}"
+            if u.switch else f"{u.describe()}; no switch: tests that load a model will fail"
+            for u in unmet_requirements()]
+
+
 def checkpoint_path(model_type: str, **sizes) -> Path:
     """Where the tiny checkpoint of `model_type` with `sizes` lives for the installed transformers release."""
     suffix = "-".join(f"{k}{v}" for k, v in sorted(sizes.items()))

@@ -1,17 +1,22 @@
 """The support matrix: run every column of every row on real releases, and render the committed table.
 
     python tools/matrix.py run [RELEASE ...]       # default: the last patch of every verified minor
-    python tools/matrix.py run 5.20.2 --wrapt 1.17.3 --deepspeed 0.19.0
+    python tools/matrix.py run 5.20.2 --wrapt 1.17.3 --deepspeed 0.19.0 --accelerate 1.16.0
     python tools/matrix.py run --newest            # the canary: the newest transformers on the package index
-    python tools/matrix.py render                  # build/matrix/*.json -> ep_ds_shim/releases/support_matrix.json,
-                                                   #                        docs/support-matrix.md
+    python tools/matrix.py render [--fresh]        # build/matrix/*.json -> ep_ds_shim/releases/support_matrix.json,
+                                                   #                        docs/support-matrix.md (--fresh: only them)
+    python tools/matrix.py verdict 5.25.0          # exit 1 unless that row (in build/matrix) fails no column
     python tools/matrix.py check                   # rows just run == the committed table (CI)
     ./run.sh matrix 5.20.2                         # one release in the matrix environment, then checked
 
-`run` swaps transformers (and optionally wrapt / DeepSpeed) inside the environment it runs in (./run.sh gives it
-build/venvs/matrix, never the project's .venv) with pip, builds tiny checkpoints with that release, runs
+`run` swaps transformers (and optionally wrapt / DeepSpeed / accelerate) inside the environment it runs in
+(./run.sh gives it build/venvs/matrix, never the project's .venv) with pip (transformers through
+tools/releases.py install: a requirement the index cannot satisfy is named in the row, and the row runs with the
+switch transformers has for it, e.g. USE_HUB_KERNELS=0), builds tiny checkpoints with that release, runs
 tools/matrix_worker.py over 2 gloo ranks, writes build/matrix/<row>.json, and puts the pinned versions back.
 A row on another torch (`--torch X`) is run by ./run.sh in an environment built with that torch.
+The default rows are the declared releases (ep_ds_shim/releases/verified.py); `./run.sh matrix-all` runs every row
+CI runs, and with --render makes the committed table from exactly those rows.
 """
 
 from __future__ import annotations
@@ -27,20 +32,20 @@ from pathlib import Path
 
 from packaging.version import Version
 
+from ep_ds_shim.releases import requirements
 from ep_ds_shim.releases import support_table as table
-from ep_ds_shim.releases.support import VERIFIED_TRANSFORMERS, first_unverified
+from ep_ds_shim.releases.support import CI_RELEASE, VERIFIED_TRANSFORMERS, first_unverified, verified_range_text
+from ep_ds_shim.releases.verified import MATRIX_RELEASES
 from ep_ds_shim.testing import run_job, torchrun
+from releases import install as install_transformers  # tools/releases.py
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "build" / "matrix"
 MATRIX_JSON = REPO / "ep_ds_shim" / "releases" / "support_matrix.json"
 MATRIX_MD = REPO / "docs" / "support-matrix.md"
 
-# Oldest verified to newest published: the last patch of every minor (5.23 has one release so far).
-DEFAULT_RELEASES = [
-    "5.6.2", "5.7.0", "5.8.1", "5.9.0", "5.10.4", "5.11.0", "5.12.1", "5.13.1", "5.14.1", "5.15.1", "5.16.1",
-    "5.17.0", "5.18.0", "5.19.0", "5.20.2", "5.21.1", "5.22.2", "5.23.0", "5.24.0",
-]
+# The declared releases, oldest to newest (one per minor; refused minors included, so the table shows the refusal).
+DEFAULT_RELEASES = list(MATRIX_RELEASES)
 # Model types of a row: the first two always; the third is the first of the rest with an EP plan in the release.
 MODEL_TYPES = ["gpt_oss", "qwen3_moe"]
 THIRD_MODEL_TYPE = ["mixtral", "olmoe", "qwen2_moe", "deepseek_v3", "llama4_text"]
@@ -51,15 +56,22 @@ COLUMNS = table.COLUMNS
 UPSTREAM_ONLY = ("forward", "gradients")
 
 def pinned() -> dict[str, str]:
-    """The versions the project's environment pins (requirements/ci.txt; DeepSpeed: run.sh's DEEPSPEED_SPEC)."""
-    pins = dict(re.findall(r"^(transformers|wrapt)==(\S+)", (REPO / "requirements" / "ci.txt").read_text(), re.MULTILINE))
+    """The versions the project's environment pins (transformers: CI's default release, from the declaration;
+    wrapt, accelerate: requirements/ci.txt; DeepSpeed: run.sh's DEEPSPEED_SPEC)."""
+    pins = {"transformers": CI_RELEASE}
+    pins.update(re.findall(r"^(wrapt|accelerate)==(\S+)", (REPO / "requirements" / "ci.txt").read_text(), re.MULTILINE))
     pins["deepspeed"] = os.environ.get("DEEPSPEED_SPEC", "deepspeed==0.19.8").split("==")[1]
     return pins
 
 
 def pip_install(spec: str, *, build: bool = False, deps: bool = False) -> None:
     """Swap one distribution in place. transformers comes with its own dependencies (releases differ: httpx,
-    huggingface_hub majors); wrapt and DeepSpeed come alone so torch is never touched."""
+    huggingface_hub majors), through tools/releases.py; wrapt, accelerate and DeepSpeed come alone so torch is
+    never touched."""
+    if spec.startswith("transformers=="):
+        if install_transformers(spec.split("==")[1]):
+            raise SystemExit(f"{spec}: a requirement it cannot run without is unmet (above)")
+        return
     env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
     command = [sys.executable, "-m", "pip", "install", "-q", *([] if deps else ["--no-deps"]), spec]
     if build:  # DeepSpeed: an sdist built against the installed torch, no ops ahead of time (or the wheel run.sh keeps)
@@ -76,15 +88,15 @@ def installed(distribution: str) -> str:
     return out.stdout.strip()
 
 
-def python(code: str) -> str:
-    env = dict(os.environ, DS_ACCELERATOR="cpu")
+def python(code: str, env: dict | None = None) -> str:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", **(env or {}))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
     return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
 
 
-def prepare_row(release: str) -> tuple[list[str], dict[str, str]]:
+def prepare_row(release: str, env: dict) -> tuple[list[str], dict[str, str]]:
     """In the row's environment (one interpreter): which candidate model types have an EP plan and a head, and their
     tiny checkpoints (the fixed ones of the text families; the generic tiny model of the multimodal one)."""
     code = f"""
@@ -101,11 +113,12 @@ for t in chosen:
         paths[t] = path
 print(json.dumps({{"chosen": chosen, "paths": paths}}))
 """
-    prepared = json.loads(python(code))
+    prepared = json.loads(python(code, env))
     return prepared["chosen"], prepared["paths"]
 
 
-def run_row(release: str, *, wrapt_version: str | None, deepspeed_version: str | None, unit_tests: bool = False,
+def run_row(release: str, *, wrapt_version: str | None, deepspeed_version: str | None,
+            accelerate_version: str | None = None, unit_tests: bool = False, tests: list[str] | None = None,
             extra_env: dict | None = None) -> dict:
     started = datetime.datetime.now()
 
@@ -118,10 +131,21 @@ def run_row(release: str, *, wrapt_version: str | None, deepspeed_version: str |
         pip_install(f"wrapt=={wrapt_version}")
     if deepspeed_version:
         pip_install(f"deepspeed=={deepspeed_version}", build=True)
+    if accelerate_version:
+        pip_install(f"accelerate=={accelerate_version}")
     versions = {name: installed(name) for name in ("transformers", "wrapt", "deepspeed", "torch", "accelerate")}
-    chosen, paths = prepare_row(release)
+    # transformers' own requirements this index could not satisfy: the row runs with the switch transformers has for
+    # each (e.g. USE_HUB_KERNELS=0), and its notes say what that leaves unmeasured
+    unmet = requirements.unmet_requirements("transformers")
+    switches = {u.switch.variable: u.switch.off for u in unmet if u.switch is not None}
+    extra_env = {**(extra_env or {}), **switches}
+    chosen, paths = prepare_row(release, extra_env)
     phase("checkpoints")
     row = {"release": release, "versions": versions, "models": {}, "raw": {}}
+    if switches:
+        row["environment"] = switches
+        row["unmet"] = [f"{u.describe()}: run with {u.switch.variable}={u.switch.off}, so "
+                        f"{u.requirement.name} was not measured" for u in unmet if u.switch is not None]
     for family in chosen:
         if family not in paths:
             row["models"][family] = {column: table.NO_EP_PLAN for column in COLUMNS}
@@ -137,15 +161,28 @@ def run_row(release: str, *, wrapt_version: str | None, deepspeed_version: str |
         if len(job.reports) < 2:
             row["crash"] = job.output[-4000:]
         phase("worker")
-    row["notes"] = notes(row)
-    if unit_tests:
+    row["notes"] = row.get("unmet", []) + notes(row)
+    # test suites run in the row's environment: the unit tests, and named tests (the accelerate row runs the
+    # launcher tests, the only ones that go through accelerate)
+    for key, paths in (("unit_tests", ["tests/unit"] if unit_tests else []), ("tests", tests or [])):
+        if not paths:
+            continue
         env = dict(os.environ, DS_ACCELERATOR="cpu", **(extra_env or {}))
-        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "unit")],
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *paths],
                                 cwd=REPO, env=env, capture_output=True, text=True)
-        row["unit_tests"] = table.PASS if result.returncode == 0 else table.FAIL
+        verdict = table.PASS if result.returncode == 0 else table.FAIL
+        row[key] = verdict if key == "unit_tests" else {"paths": paths, "result": verdict}
         if result.returncode:
-            row["notes"].append("unit tests: " + result.stdout[-1500:])
+            row["notes"].append(f"{' '.join(paths)}: " + result.stdout[-1500:])
+        phase(key)
     return row
+
+
+def suite_failures(row: dict) -> list[str]:
+    """The test suites run in the row's environment that failed."""
+    failed = ["unit tests"] if row.get("unit_tests") == table.FAIL else []
+    tests = row.get("tests")
+    return failed + ([" ".join(tests["paths"])] if tests and tests["result"] == table.FAIL else [])
 
 
 def cells(per_rank: list[dict], *, crashed: bool) -> dict[str, str]:
@@ -211,7 +248,8 @@ def newest_release() -> str:
 
 
 def row_name(release: str, args) -> str:
-    extras = (("wrapt", args.wrapt), ("deepspeed", args.deepspeed), ("torch", args.torch))
+    extras = (("wrapt", args.wrapt), ("deepspeed", args.deepspeed), ("torch", args.torch),
+              ("accelerate", args.accelerate))
     return release + "".join(f"+{name}{version}" for name, version in extras if version)
 
 
@@ -231,7 +269,8 @@ def command_run(args) -> int:
             else:
                 started = datetime.datetime.now()
                 row = run_row(release, wrapt_version=args.wrapt, deepspeed_version=args.deepspeed,
-                              unit_tests=args.unit_tests, extra_env=extra_env)
+                              accelerate_version=args.accelerate, unit_tests=args.unit_tests, tests=args.tests,
+                              extra_env=extra_env)
                 row["row"] = name
                 row["seconds"] = round((datetime.datetime.now() - started).total_seconds(), 1)
                 done.write_text(json.dumps(row, indent=1))
@@ -240,6 +279,7 @@ def command_run(args) -> int:
             print(f"[matrix] {name} ({row['seconds']}s): {summary}", flush=True)
             failed = [f"{m} {c}={v}" for m, cols in row["models"].items() for c, v in cols.items()
                       if v in (table.FAIL, table.CRASHED)]
+            failed += suite_failures(row)
             failures += len(failed)
             if args.newest:
                 verdict = "FAILS: " + ", ".join(failed) if failed else "passes every column"
@@ -259,12 +299,14 @@ def command_render(args) -> int:
             continue
         row = json.loads(path.read_text())
         rows[row["row"]] = {k: v for k, v in row.items() if k != "raw"}
-    existing = json.loads(MATRIX_JSON.read_text()) if MATRIX_JSON.exists() else {"releases": {}, "rows": {}}
+    # --fresh: exactly the rows just run (the full re-run, `./run.sh matrix-all --render`); else merged into the table
+    existing = json.loads(MATRIX_JSON.read_text()) if MATRIX_JSON.exists() and not args.fresh else {}
     merged_rows = {**existing.get("rows", {}), **rows}
     releases = {name: row for name, row in merged_rows.items() if name == row["release"]}
     matrix = {
         "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python tools/matrix.py run && python tools/matrix.py render",
+        "command": "./run.sh matrix-all --render" if args.fresh else "python tools/matrix.py run && python tools/matrix.py render",
+        "verified_transformers": verified_range_text(),
         "columns": list(COLUMNS),
         "releases": releases,
         "rows": merged_rows,
@@ -276,6 +318,31 @@ def command_render(args) -> int:
     return 0
 
 
+def command_verdict(args) -> int:
+    """Exit 1 unless the rows just run for `args.releases` exist and fail no column (what add-release requires
+    before it moves the declared range)."""
+    status = 0
+    for release in args.releases:
+        path = OUT / f"{release}.json"
+        if not path.exists():
+            print(f"{release}: no row in {OUT.relative_to(REPO)} (run it first)")
+            status = 1
+            continue
+        row = json.loads(path.read_text())
+        failed = [f"{m} {c}={v}" for m, cols in row["models"].items() for c, v in cols.items()
+                  if v in (table.FAIL, table.CRASHED)] + suite_failures(row)
+        if failed:
+            status = 1
+            print(f"{release}: FAILS {', '.join(failed)}")
+            for note in row.get("notes", []):
+                print(f"  - {note}")
+            if row.get("crash"):
+                print(row["crash"][-2000:])
+        else:
+            print(f"{release}: no column fails")
+    return status
+
+
 def command_recell(args) -> int:
     """Recompute the cells and notes of rows in build/matrix from their raw results (after changing them)."""
     for path in sorted(OUT.glob("*.json")):
@@ -285,7 +352,7 @@ def command_recell(args) -> int:
         for family, raw in row.get("raw", {}).items():
             row["models"][family] = cells(raw, crashed=len(raw) < 2)
         unit_notes = [n for n in row.get("notes", []) if n.startswith("unit tests:")]
-        row["notes"] = notes(row) + unit_notes
+        row["notes"] = row.get("unmet", []) + notes(row) + unit_notes
         path.write_text(json.dumps(row, indent=1))
     return 0
 
@@ -313,8 +380,9 @@ def command_check(args) -> int:
             want = committed[name]["models"].get(model)
             if want != cells_:
                 problems.append(f"{name} {model}: committed {want}, measured now {cells_}")
-        if row.get("unit_tests") != committed[name].get("unit_tests"):
-            problems.append(f"{name} unit tests: committed {committed[name].get('unit_tests')}, now {row.get('unit_tests')}")
+        for suite in ("unit_tests", "tests"):
+            if row.get(suite) != committed[name].get(suite):
+                problems.append(f"{name} {suite}: committed {committed[name].get(suite)}, now {row.get(suite)}")
     for problem in problems:
         print("MISMATCH", problem)
     print(f"checked {len(fresh)} rows against {MATRIX_JSON.relative_to(REPO)}: "
@@ -332,7 +400,11 @@ def markdown(matrix: dict) -> str:
         "# Support matrix",
         "",
         "Generated by `tools/matrix.py` from real runs (2 gloo ranks, CPU, fp32, tolerance 1e-5); do not edit by hand.",
-        f"Last generated: {matrix['generated']}. Reproduce one row: `./run.sh matrix <release>`.",
+        f"Last generated: {matrix['generated']}. Reproduce one row: `./run.sh matrix <release>`; every row CI runs:",
+        "`./run.sh matrix-all` (`--render` makes this table from exactly those rows).",
+        "",
+        f"Verified transformers releases: `{matrix.get('verified_transformers', verified_range_text())}`, declared once in",
+        "`ep_ds_shim/releases/verified.py` (pyproject.toml states the same range; `./run.sh add-release X.Y.Z` moves it).",
         "",
         "Columns: **shape** the shim's checks of every patched target; **load = EP-only** an EP load under ZeRO-3 inside",
         "the block equals the EP-only load weight for weight and in logits; **forward** EP-only logits equal the",
@@ -355,7 +427,10 @@ def markdown(matrix: dict) -> str:
         row = matrix["rows"][name]
         versions = ", ".join(f"{k} {v}" for k, v in row.get("versions", {}).items())
         unit = f"; unit tests {row['unit_tests']}" if "unit_tests" in row else ""
-        lines.append(f"- **{name}** ({versions}; {row.get('seconds', '?')} s{unit})")
+        if "tests" in row:
+            unit += f"; {' '.join(row['tests']['paths'])} {row['tests']['result']}"
+        environment = "".join(f"; {k}={v}" for k, v in row.get("environment", {}).items())
+        lines.append(f"- **{name}** ({versions}{environment}; {row.get('seconds', '?')} s{unit})")
         for note in row.get("notes", []):
             lines.append(f"  - {note}")
     return "\n".join(lines) + "\n"
@@ -368,21 +443,28 @@ def main(argv=None) -> int:
     run.add_argument("releases", nargs="*")
     run.add_argument("--wrapt", help="also swap wrapt to this version for these rows")
     run.add_argument("--deepspeed", help="also swap DeepSpeed to this version for these rows")
+    run.add_argument("--accelerate", help="also swap accelerate to this version for these rows")
     run.add_argument("--strict", action="store_true", help="exit 1 if a shim column fails")
     run.add_argument("--unit-tests", action="store_true", help="also run tests/unit under these versions")
+    run.add_argument("--tests", action="append", help="also run these tests (pytest paths) under these versions")
     run.add_argument("--newest", action="store_true", help="the canary: the newest transformers on the package index")
     run.add_argument("--torch", help="label of a row run in an environment with this torch (./run.sh builds it)")
-    sub.add_parser("render")
+    render = sub.add_parser("render")
+    render.add_argument("--fresh", action="store_true", help="only the rows in build/matrix, not merged into the table")
+    verdict = sub.add_parser("verdict", help="exit 1 unless these rows in build/matrix fail no column")
+    verdict.add_argument("releases", nargs="+")
     check = sub.add_parser("check", help="compare rows in build/matrix with the committed table; exit 1 on mismatch")
     check.add_argument("releases", nargs="*")  # the run's arguments, passed through by ./run.sh
     check.add_argument("--newest", action="store_true", help="a canary row newer than the table is information only")
-    for option in ("--wrapt", "--deepspeed", "--torch"):
+    for option in ("--wrapt", "--deepspeed", "--torch", "--accelerate"):
         check.add_argument(option)
     check.add_argument("--unit-tests", action="store_true")
+    check.add_argument("--tests", action="append")
     check.add_argument("--strict", action="store_true")
     sub.add_parser("recell", help="recompute cells of rows in build/matrix from their raw results")
     args = parser.parse_args(argv)
-    commands = {"run": command_run, "render": command_render, "check": command_check, "recell": command_recell}
+    commands = {"run": command_run, "render": command_render, "check": command_check, "recell": command_recell,
+                "verdict": command_verdict}
     return commands[args.command](args)
 
 

@@ -18,20 +18,26 @@ class ep_zero3_compat(Block):  # noqa: N801 - reads like the function users call
     Args:
         allow_unverified: accept a transformers release newer than the last verified one (the shape checks
             still run and refuse on drift). Same as setting ``EP_DS_SHIM_ALLOW_UNVERIFIED=1``.
-        translate_legacy_spelling: load ``DistributedConfig(enable_expert_parallel=True)`` (+ ``device_mesh``)
-            as EP over that mesh on releases where that spelling would silently turn EP off, instead of refusing
-            it. Off by default; ``python -m ep_ds_shim.run`` turns it on for unmodified scripts.
+        translate_upstream_spelling: under ZeRO-3, load upstream's own EP spellings as the library's EP request
+            (dense layers whole, a log line says so): ``DistributedConfig(tp_size=N, ep_size=N)``, which would also
+            split the dense layers, and ``DistributedConfig(enable_expert_parallel=True)`` (+ ``device_mesh``),
+            which silently means no EP on 5.20+. On by default; False refuses them before any weight is read, with
+            the one-line fix. ``translate_legacy_spelling`` is its former name.
     """
 
     state = LOADING
     patch_set = LOADING_PATCHES
 
-    def __init__(self, *, allow_unverified: bool = False, translate_legacy_spelling: bool = False):
-        for name, value in (("allow_unverified", allow_unverified), ("translate_legacy_spelling", translate_legacy_spelling)):
+    def __init__(self, *, allow_unverified: bool = False, translate_upstream_spelling: bool = True,
+                 translate_legacy_spelling: bool | None = None):
+        if translate_legacy_spelling is not None:  # the former name of the same switch
+            translate_upstream_spelling = translate_legacy_spelling
+        for name, value in (("allow_unverified", allow_unverified),
+                            ("translate_upstream_spelling", translate_upstream_spelling)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
         self.allow_unverified = allow_unverified
-        self.options = BlockOptions(translate_legacy_spelling=translate_legacy_spelling)
+        self.options = BlockOptions(translate_upstream_spelling=translate_upstream_spelling)
 
     def install_options(self) -> dict:
         return {"allow_unverified": self.allow_unverified}

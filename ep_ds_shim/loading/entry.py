@@ -13,17 +13,17 @@ import warnings
 from transformers.distributed import DistributedConfig
 from transformers.integrations import deepspeed as hf_deepspeed
 
-from ..distributed import world_size
+from ..distributed import initialised
 from ..errors import EPRequestError
 from ..log import logger
 from ..patching.targets import Target
-from ..releases.ep_request import ep_from_pretrained_kwargs
 from ..releases.lines import ReleaseLine, release_line_for
 from ..training import adoption, agreement
+from . import legacy_spelling
 from .legacy_spelling import legacy_flag_without_ep, message
 from .loaded_model import check_loaded_model
-from .request import model_source, validate_request
-from .state import LoadRecord, loading, translating_legacy_spelling
+from .request import validate_request
+from .state import LoadRecord, loading, translating_upstream_spelling
 from .zero3_question import zero3_signalled
 from ..releases.support import transformers_version
 
@@ -49,16 +49,14 @@ def from_pretrained(wrapped, cls, args, kwargs):
     """The entry wrapper (wrapt signature; `cls` is the class the classmethod was called on)."""
     line = release_line_for(transformers_version())
     requested = _normalised(kwargs.get("distributed_config"))
-    legacy = line.legacy_flag_silently_off and legacy_flag_without_ep(requested)
-    if legacy and translating_legacy_spelling():
-        kwargs = _translated_legacy_spelling(cls, args, kwargs)
+    zero3 = zero3_signalled()
+    if zero3:  # upstream's own spellings, before any weight is read
+        kwargs = _upstream_spelling(cls, args, kwargs, requested, line)
         requested = _normalised(kwargs.get("distributed_config"))
-        legacy = False
+    legacy = line.legacy_flag_silently_off and legacy_flag_without_ep(requested)
     ep_size = line.spelling.requested_ep_size(requested, kwargs)
-    record = LoadRecord(cls.__name__, ep_size, zero3_signalled())
+    record = LoadRecord(cls.__name__, ep_size, zero3)
     if legacy:
-        if record.zero3:
-            raise EPRequestError(message("is refused under ZeRO-3"))
         warnings.warn(message("loads WITHOUT expert parallelism"), UserWarning, stacklevel=3)
     if ep_size is None or ep_size < 2:
         with loading(record):
@@ -87,17 +85,31 @@ def _after_ep_load(model, record: LoadRecord, line: ReleaseLine) -> None:
     logger.info(f"ep_ds_shim: EP load of {record.model_class} (ep_size={record.ep_size}) {where}")
 
 
-def _translated_legacy_spelling(cls, args, kwargs) -> dict:
-    """The call's legacy `DistributedConfig(enable_expert_parallel=True)` (+ `device_mesh`), which this release
-    would load without EP, rewritten to this release's EP spelling (unchanged when there is no EP to ask for)."""
-    mesh = kwargs.get("device_mesh")
-    ep_size = mesh.size() if mesh is not None else world_size()
-    if not ep_size or ep_size < 2:
-        return kwargs
-    translated = {k: v for k, v in kwargs.items() if k not in ("distributed_config", "device_mesh", "tp_size", "tp_plan")}
-    translated.update(ep_from_pretrained_kwargs(model_source(args, kwargs), ep_size, model_class=cls))
-    logger.info(
-        f"ep_ds_shim: translated DistributedConfig(enable_expert_parallel=True) to this release's EP spelling "
-        f"(ep_size={ep_size}), which would otherwise load {cls.__name__} without expert parallelism."
-    )
-    return translated
+def _upstream_spelling(cls, args, kwargs: dict, requested, line: ReleaseLine) -> dict:
+    """Under ZeRO-3: upstream's EP spellings that this block cannot load as asked, translated to this release's EP
+    request (dense layers whole; `legacy_spelling`), or refused with the one-line fix when the block says so."""
+    translate = translating_upstream_spelling()
+    if line.legacy_flag_silently_off and legacy_flag_without_ep(requested):
+        ep_size = legacy_spelling.legacy_ep_size(kwargs)
+        if not translate:
+            raise EPRequestError(message("is refused under ZeRO-3"))
+        if ep_size < 2:
+            return kwargs
+        _say(f"ep_ds_shim: translated DistributedConfig(enable_expert_parallel=True) to this release's EP spelling "
+             f"(ep_size={ep_size}), which would otherwise load {cls.__name__} without expert parallelism.")
+        return legacy_spelling.translated(cls, args, kwargs, ep_size)
+    if legacy_spelling.dense_tp_request(requested):
+        ep_size, tp_size = requested.ep_size, requested.tp_size
+        if not translate:
+            raise EPRequestError(legacy_spelling.dense_tp_message(cls.__name__, ep_size, tp_size, translated_=False))
+        _say(legacy_spelling.dense_tp_message(cls.__name__, ep_size, tp_size, translated_=True))
+        return legacy_spelling.translated(cls, args, kwargs, ep_size)
+    return kwargs
+
+
+def _say(text: str) -> None:
+    """A translation changes what the user's code asked for: say it once per process, on the first rank."""
+    import torch.distributed as dist
+
+    if not initialised() or dist.get_rank() == 0:
+        logger.warning_once(text)

@@ -17,7 +17,7 @@ from ..patching.scope import ScopeState
 class BlockOptions:
     """What one `ep_zero3_compat` block asks for (the innermost open block decides)."""
 
-    translate_legacy_spelling: bool = False
+    translate_upstream_spelling: bool = True
 
 
 # The open ep_zero3_compat blocks of this thread/task, innermost last.
@@ -28,10 +28,10 @@ def block_active() -> bool:
     return LOADING.active()
 
 
-def translating_legacy_spelling() -> bool:
-    """Whether the innermost enclosing block translates the legacy EP spelling."""
+def translating_upstream_spelling() -> bool:
+    """Whether the innermost enclosing block translates upstream's EP spellings under ZeRO-3 (else refuses them)."""
     options = LOADING.innermost()
-    return bool(options and options.translate_legacy_spelling)
+    return bool(options is None or options.translate_upstream_spelling)
 
 
 # Whether the ZeRO-3 question answers False right now (set only while a gated call of an EP load runs).

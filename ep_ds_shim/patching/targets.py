@@ -31,7 +31,9 @@ class Target:
     """One attribute to wrap.
 
     ``owner`` is ``"module"`` or ``"module:Class"``; ``params`` are the parameter names of the underlying function
-    as verified (``None``: only ``leading_params`` are checked). ``must_look_up``: a global name the function must
+    as verified (``None``: only ``leading_params`` are checked), and ``other_params`` further parameter lists
+    verified on other releases (a release that added a parameter the wrapper passes through untouched: each list
+    is exact, so a third spelling is still drift). ``must_look_up``: a global name the function must
     still look up (a gate that no longer asks the ZeRO-3 question has moved and is drift); ``awareness_markers``:
     names whose presence next to it means upstream already handles the case the patch exists for.
     """
@@ -40,9 +42,15 @@ class Target:
     name: str
     kind: str
     params: tuple[str, ...] | None = None
+    other_params: tuple[tuple[str, ...], ...] = ()
     leading_params: tuple[str, ...] = ()
     must_look_up: str | None = None
     awareness_markers: tuple[str, ...] = ()
+
+    @property
+    def verified_params(self) -> tuple[tuple[str, ...], ...]:
+        """Every exact parameter list verified for this target (empty when only ``leading_params`` are checked)."""
+        return () if self.params is None else (self.params, *self.other_params)
 
     @property
     def qualname(self) -> str:
@@ -147,10 +155,11 @@ def check_shape(target: Target) -> ShapeReport:
         found_params = tuple(inspect.signature(function).parameters)
     except (TypeError, ValueError):
         found_params = None
-    if target.params is not None and found_params != target.params:
+    if target.params is not None and found_params not in target.verified_params:
+        expected = " or ".join(map(str, target.verified_params))
         return ShapeReport(
             target, found_kind, found_params,
-            problem=f"{target.qualname}: parameters {found_params}, expected {target.params}",
+            problem=f"{target.qualname}: parameters {found_params}, expected {expected}",
         )
     if found_params is None or found_params[: len(target.leading_params)] != target.leading_params:
         return ShapeReport(

@@ -15,10 +15,8 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from ..errors import UnsupportedReleaseError
+from .verified import MATRIX_RELEASES
 
-# The transformers releases the matrix (docs/support-matrix.md) verified, oldest to newest. Keep in step with
-# pyproject.toml's dependency range and with the generated table; tests/unit/test_support_table.py checks it.
-VERIFIED_TRANSFORMERS = SpecifierSet(">=5.6.0,<5.25,!=5.19.*")
 VERIFIED_DEEPSPEED = SpecifierSet(">=0.19.0,<0.20")
 
 # Opting in to a transformers release newer than the last verified one. The shape checks still run.
@@ -49,6 +47,28 @@ REFUSED = (
         "model._tp_plan instead of the EP plan, so EP-only loads fail (KeyError) or leave experts unsharded",
     ),
 )
+
+
+def refusal_for(version: str) -> str | None:
+    """Why `version` is refused outright, or None."""
+    parsed = Version(version)
+    return next((refusal.reason for refusal in REFUSED if parsed in refusal.releases), None)
+
+
+def verified_range_text(releases: tuple[str, ...] = MATRIX_RELEASES) -> str:
+    """The verified range `releases` (one per minor, oldest to newest; `verified.MATRIX_RELEASES`) declare, as a
+    specifier in reading order (pyproject.toml states it so): every patch from the first minor's .0 to the end of
+    the last minor, less the minors refused outright."""
+    first, last = Version(releases[0]), Version(releases[-1])
+    refused = [f"!={v.major}.{v.minor}.*" for v in map(Version, releases) if refusal_for(str(v))]
+    return ",".join([f">={first.major}.{first.minor}.0", f"<{last.major}.{last.minor + 1}", *refused])
+
+
+# The transformers releases the matrix (docs/support-matrix.md) verified, derived from the one declaration
+# (`verified.MATRIX_RELEASES`); pyproject.toml states the same range (tests/unit/releases/test_declared_range.py).
+VERIFIED_TRANSFORMERS = SpecifierSet(verified_range_text())
+# CI's default release: the newest one the matrix verified.
+CI_RELEASE = MATRIX_RELEASES[-1]
 
 
 @dataclass(frozen=True)
@@ -92,16 +112,11 @@ def transformers_version() -> str:
     return importlib.import_module("transformers").__version__
 
 
-def refusal_for(version: str) -> str | None:
-    """Why `version` is refused outright, or None."""
-    parsed = Version(version)
-    return next((refusal.reason for refusal in REFUSED if parsed in refusal.releases), None)
-
-
 def support_hint() -> str:
     beyond = first_unverified()
     return (
-        f"Supported transformers releases: {VERIFIED_TRANSFORMERS} (see docs/support-matrix.md). "
+        f"Supported transformers releases: {VERIFIED_TRANSFORMERS} (`python -m ep_ds_shim doctor` shows what was "
+        "verified). "
         f"Install one of them, e.g. `pip install 'transformers>={beyond.major}.{beyond.minor - 1},<{beyond}'`."
     )
 

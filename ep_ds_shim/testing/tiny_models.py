@@ -39,7 +39,7 @@ from .tiny_moe import built_once, redraw
 
 __all__ = [
     "ep_model_types", "has_ep_plan", "tiny_config", "model_class_for", "sample_inputs", "build_tiny_model", "expert_count",
-    "is_multimodal", "SIZES",
+    "is_multimodal", "SIZES", "build_shrunk_model", "routing_of",
 ]
 
 SIZES = dict(num_experts=4, top_k=2, hidden_size=32, num_layers=2, expert_size=64, vocab_size=128)
@@ -75,6 +75,9 @@ _FAMILY_OVERRIDES: dict[str, dict] = {
                                   "indexer_budget": 4, "indexer_compress_ratio": 2}},
     "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 32, "indexer_budget": 4,
                        "indexer_compress_ratio": 2},
+    # (5.25) The indexer scores keys with the first index_num_heads query heads of key head 0 (default 12); the
+    # config validator requires at most num_attention_heads // num_key_value_heads, which the tiny sizes make small.
+    "kolibri1_1": {"index_num_heads": 1},
 }
 
 
@@ -733,16 +736,20 @@ def _add_optional_vision(config) -> None:
 
 
 def tiny_config(model_type: str, *, num_experts: int = 4, top_k: int = 2, hidden_size: int = 32, num_layers: int = 2,
-                expert_size: int = 64, vocab_size: int = 128):
-    """A tiny config of `model_type`: its `AutoConfig.for_model` defaults with every size knob shrunk."""
+                expert_size: int = 64, vocab_size: int = 128, base: PreTrainedConfig | None = None):
+    """A tiny config of `model_type`: its `AutoConfig.for_model` defaults (or `base`, e.g. a user's own config) with
+    every size knob shrunk."""
     sizes = dict(num_experts=num_experts, top_k=top_k, hidden_size=hidden_size, num_layers=num_layers,
                  expert_size=expert_size, vocab_size=vocab_size)
     if top_k > num_experts:
         raise ValueError(f"top_k={top_k} > num_experts={num_experts}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        default = AutoConfig.for_model(model_type)
-        _add_optional_vision(default)
+        if base is not None:
+            default = copy.deepcopy(base)
+        else:
+            default = AutoConfig.for_model(model_type)
+            _add_optional_vision(default)
         tree = default.to_dict()
         ctx = _Context(sizes, tree)
         text = _text_config(default)
@@ -1017,7 +1024,33 @@ def _to_hub_layout(path: Path, patterns) -> int:
     return rewritten
 
 
-def build_tiny_model(path: str | os.PathLike, model_type: str, *, seed: int = 0, **sizes) -> Path:
+def routing_of(config) -> dict[str, int]:
+    """The routed-expert count and experts per token a config declares (its text config for a composite one),
+    however the family spells them; missing ones are left out."""
+    found: dict[str, int] = {}
+    for key, value in _text_config(config).to_dict().items():
+        if not _is_int(value) or value < 1:
+            continue
+        if _EXPERT_COUNT_KEY.match(key):
+            found.setdefault("num_experts", value)
+        elif _TOPK_KEY.search(key):
+            found.setdefault("top_k", value)
+    return found
+
+
+def build_shrunk_model(path: str | os.PathLike, base: PreTrainedConfig, *, num_experts: int, seed: int = 0) -> Path:
+    """`build_tiny_model` for a given architecture (`base`, e.g. a user's own config): the same model type, expert
+    routing and options, shrunk. It keeps the experts per token (up to the tiny expert count, which grows in steps
+    of `num_experts` / 2 to hold them)."""
+    top_k = routing_of(base).get("top_k", SIZES["top_k"])
+    step = max(1, num_experts // 2)
+    while num_experts < top_k:
+        num_experts += step
+    return build_tiny_model(path, base.model_type, seed=seed, base=base, num_experts=num_experts, top_k=top_k)
+
+
+def build_tiny_model(path: str | os.PathLike, model_type: str, *, seed: int = 0, base: PreTrainedConfig | None = None,
+                     **sizes) -> Path:
     """Build (once) and save a tiny random checkpoint of `model_type` at `path`; return the path.
 
     Same scheme as `tiny_moe.build_tiny_moe` (`built_once`): rebuilt when the transformers release, type, seed or
@@ -1025,16 +1058,16 @@ def build_tiny_model(path: str | os.PathLike, model_type: str, *, seed: int = 0,
     identically, else it raises.
     """
     # The config's own digest too: a change of the shrinking rules (or of the release's defaults) rebuilds.
-    digest = hashlib.sha256(tiny_config(model_type, **sizes).to_json_string(use_diff=False).encode()).hexdigest()
+    config = tiny_config(model_type, base=base, **sizes)
+    digest = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()
     stamp = {"transformers": transformers.__version__, "model_type": model_type, "seed": seed, "config": digest[:16],
              **sizes}
-    return built_once(path, stamp, lambda: _build(Path(path), model_type, seed, sizes))
+    return built_once(path, stamp, lambda: _build(Path(path), model_type, seed, config))
 
 
-def _build(path: Path, model_type: str, seed: int, sizes: dict) -> None:
+def _build(path: Path, model_type: str, seed: int, config) -> None:
     if is_deepspeed_zero3_enabled():
         raise RuntimeError("build the tiny checkpoint before ZeRO-3 is signalled (an HfDeepSpeedConfig is alive)")
-    config = tiny_config(model_type, **sizes)
     head = model_class_for(model_type)
     torch.manual_seed(seed)
     model = head._from_config(config, dtype=torch.float32)

@@ -25,7 +25,7 @@ from ..distributed import arrive
 from ..errors import DeepSpeedGroupsError, EpShimError
 from ..releases.lines import refuse_training_if_unsupported
 from ..releases.support import check_deepspeed, transformers_version
-from . import agreement, engine_paths, guard
+from . import agreement, engine_paths, guard, precision
 from .adoption import make_deepspeed_ready, repoint_optimizer
 from .layout import DPxEPLayout
 from .record import EPModelRecord, record_of
@@ -88,6 +88,7 @@ def before(model, layout: DPxEPLayout | None, config, *, optimizer=None, allow_u
     if stage is not None and stage != SUPPORTED_STAGE:
         raise stage_error(stage)
     agreement.check_before_deepspeed(model, layout, stage)
+    precision.check(model, config)
     repoint_optimizer(optimizer, make_deepspeed_ready(model))
     record.layout, record.zero_stage = layout, stage
     record.handing_over = True

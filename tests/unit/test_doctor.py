@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+
+import pytest
 
 import ep_ds_shim.doctor as doctor
 from ep_ds_shim.__main__ import main as cli
@@ -79,3 +82,34 @@ def test_refused_release_names_the_reason_and_still_checks(monkeypatch, capsys):
     assert "transformers release verified: NO" in human and "broken upstream" in human
     assert "check gate" in human and "strategy: none" in human
     assert human.count("broken upstream") == 1
+
+
+def _hidden(tmp_path, name: str):
+    """A directory that, first on PYTHONPATH, makes `name` look not installed: `import name` raises
+    ModuleNotFoundError and `importlib.util.find_spec(name)` is None (what transformers checks before using it)."""
+    (tmp_path / "sitecustomize.py").write_text(f"import sys\nsys.modules[{name!r}] = None\n")
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("how", ["missing", "broken"])
+def test_a_missing_accelerate_fails_the_doctor_with_the_install_line(how, tmp_path):
+    """transformers' EP load needs accelerate (device_map): without it every rank fails the load, so the doctor must
+    not say OK, and its advice installs what the package declares."""
+    root = (_hidden if how == "missing" else _broken)(tmp_path, "accelerate")
+    out = run_doctor(env={"PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}, cwd=tmp_path)
+    assert out.returncode == 1, out.stdout
+    assert "result: OK" not in out.stdout and "Traceback" not in out.stdout + out.stderr, out.stdout + out.stderr
+    assert re.search(r"imports: .*accelerate: (ModuleNotFoundError|ImportError)", out.stdout), out.stdout
+    advice = [line for line in out.stdout.splitlines() if "what to do" in line and "accelerate" in line]
+    assert advice and "pip install 'accelerate" in advice[0] and ">=1.10" in advice[0], out.stdout
+
+
+def test_the_package_requires_everything_the_doctor_checks():
+    """`pip install ep-ds-shim` brings every dependency the doctor requires (accelerate included)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    declared = {Requirement(text).name.lower() for text in metadata.requires("ep-ds-shim") or []
+                if not Requirement(text).marker}
+    assert set(doctor.DEPENDENCIES) <= declared, set(doctor.DEPENDENCIES) - declared

@@ -25,9 +25,12 @@ class Gate:
     with_shim: str
 
 
-def gate_target(owner: str, name: str, kind: str, params: tuple[str, ...]) -> Target:
-    """A gate's target: besides its shape, it must still ask the ZeRO-3 question."""
-    return Target(owner, name, kind, params=params, must_look_up=ZERO3_QUESTION, awareness_markers=EP_AWARENESS_MARKERS)
+def gate_target(owner: str, name: str, kind: str, params: tuple[str, ...],
+                *other_params: tuple[str, ...]) -> Target:
+    """A gate's target: besides its shape (`params`, or one of `other_params`: spellings verified on other
+    releases), it must still ask the ZeRO-3 question."""
+    return Target(owner, name, kind, params=params, other_params=other_params, must_look_up=ZERO3_QUESTION,
+                  awareness_markers=EP_AWARENESS_MARKERS)
 
 
 def run_gate(gate: Gate):

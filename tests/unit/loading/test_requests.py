@@ -131,12 +131,14 @@ def _legacy_release():
 
 
 @pytest.mark.skipif(not _legacy_release(), reason="the legacy flag does not turn EP off silently on this release")
-def test_legacy_flag_that_turns_ep_off_is_refused_under_zero3(tiny_checkpoint, single_rank_group):
+def test_legacy_flag_that_turns_ep_off_is_refused_under_zero3_without_translation(tiny_checkpoint,
+                                                                                 single_rank_group):
+    """Translated by default (tests/distributed/loading/test_upstream_ep_tests.py); with the switch off, refused."""
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
 
     path = tiny_checkpoint("qwen3_moe")
-    with zero3_signalled(), ep_ds_shim.ep_zero3_compat():
+    with zero3_signalled(), ep_ds_shim.ep_zero3_compat(translate_upstream_spelling=False):
         with pytest.raises(EPRequestError, match="enable_expert_parallel=True.*refused under ZeRO-3"):
             AutoModelForCausalLM.from_pretrained(
                 path, dtype=torch.float32, distributed_config=DistributedConfig(enable_expert_parallel=True)
@@ -159,7 +161,7 @@ def test_legacy_flag_built_before_the_block_is_refused_too(tiny_checkpoint, sing
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         legacy = DistributedConfig(enable_expert_parallel=True)
-    with zero3_signalled(), ep_ds_shim.ep_zero3_compat():
+    with zero3_signalled(), ep_ds_shim.ep_zero3_compat(translate_legacy_spelling=False):  # the former name
         with pytest.raises(EPRequestError, match="enable_expert_parallel=True.*refused under ZeRO-3"):
             AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, distributed_config=legacy)
     # a plain config without any parallelism is not mistaken for it: an ordinary load, without the warning
@@ -182,6 +184,30 @@ def test_legacy_flag_without_zero3_warns_and_loads_as_upstream(tiny_checkpoint, 
             )
     experts = list(expert_parameters(model).values())
     assert experts and all(p.shape[0] == 4 for p in experts)  # every expert on the rank: EP was off
+
+
+@pytest.mark.skipif(installed_line().name != "5.23+", reason="upstream's canonical EP spelling is 5.23+'s")
+def test_upstream_canonical_spelling_without_translation_is_refused_before_any_weight_is_read(tiny_checkpoint, tmp_path,
+                                                                                          single_rank_group):
+    """DistributedConfig(tp_size=N, ep_size=N) would also split the dense layers. With the translation switched off
+    it is refused with the one-line fix, before the load reads anything: here there are no weights to read."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copy(tiny_checkpoint("qwen3_moe") / "config.json", config_only)
+    with zero3_signalled(), ep_ds_shim.ep_zero3_compat(translate_upstream_spelling=False):
+        with pytest.raises(EPRequestError, match=r"tp_size=2, ep_size=2\).*splits the dense layers") as raised:
+            AutoModelForCausalLM.from_pretrained(config_only, distributed_config=DistributedConfig(tp_size=2, ep_size=2))
+    assert "ep_ds_shim.ep_from_pretrained_kwargs(path, ep_size=2)" in str(raised.value)
+    # its own request (every TP rule "replicate") is not mistaken for it
+    from ep_ds_shim.loading.legacy_spelling import dense_tp_request
+
+    assert not dense_tp_request(ep2_config(config_only)["distributed_config"])
+    assert dense_tp_request(DistributedConfig(tp_size=2, ep_size=2))
 
 
 def test_fingerprints_catch_changes_and_tolerate_dtype_casts():
