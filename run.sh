@@ -8,8 +8,10 @@
 #   ./run.sh verify [args]     `python -m ep_ds_shim verify` on 2 CPU ranks (every MoE family with an EP plan)
 #   ./run.sh matrix [REL..]    support-matrix rows on real releases (default: all) in their own environment,
 #                              checked against the committed table; --newest: the canary row of the newest release
-#   ./run.sh matrix-all [--render]  every row CI runs (declared releases + wrapt/DeepSpeed/torch/accelerate rows),
+#   ./run.sh matrix-all [--render]  every row (declared releases + wrapt/DeepSpeed/torch/accelerate rows),
 #                              checked; --render: the committed table made from exactly these rows
+#   ./run.sh matrix-ci         the rows CI runs: each release line's oldest and newest release + the same extra rows,
+#                              checked against the committed table
 #   ./run.sh add-release X.Y.Z run X.Y.Z's row; if no column fails: render the table, move the declared range
 #                              (ep_ds_shim/releases/verified.py, pyproject.toml), run the release unit tests
 #   ./run.sh wheel-check       the user's install: the wheel with its dependencies into a fresh environment that has
@@ -94,10 +96,11 @@ matrix_rows() {
     "$matrix_venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
     TORCH_EXTENSIONS_DIR="$extensions" "$matrix_venv/bin/python" "$ROOT/tools/matrix.py" run "$@"
 }
-# Every row CI runs: the declared releases, then CI's default release with wrapt 1.x (+ the unit tests), the oldest
-# verified DeepSpeed, the newest torch and the newest accelerate. The one list of them (.ci/run calls this).
+# The matrix's rows: the given transformers releases (default: every declared one), then CI's default release with
+# wrapt 1.x (+ the unit tests), the oldest verified DeepSpeed, the newest torch and the newest accelerate.
+# The one list of them (matrix-all, matrix-ci).
 matrix_all() {
-    matrix_rows
+    matrix_rows "$@"
     matrix_rows "$CI_RELEASE" --wrapt 1.17.3 --unit-tests
     matrix_rows "$CI_RELEASE" --deepspeed 0.19.0
     matrix_rows "$CI_RELEASE" --torch 2.14.1
@@ -142,6 +145,13 @@ case "${1:-}" in
         else
             py tools/matrix.py check
         fi ;;
+    matrix-ci)
+        shift; setup
+        cd "$ROOT"
+        rm -f build/matrix/*.json
+        # shellcheck disable=SC2046  # one word per release
+        matrix_all $(py tools/releases.py edge-rows)
+        py tools/matrix.py check ;;
     add-release)
         shift; setup
         cd "$ROOT"

@@ -810,56 +810,93 @@ def step_profile_lines(section: dict) -> list[str]:
 # --- the document -----------------------------------------------------------------------------------------------
 
 
-def markdown(results: dict) -> str:
-    sections = results.get("sections", {})
+# Each section's heading in results.md: a section a run leaves out is carried over from the previous file under it.
+HEADINGS = {
+    "compare": "### 1. ep-ds-shim vs DeepSpeed AutoEP (same checkpoint, ranks, batches)",
+    "shard": "### 1b. ZeRO-3 sharding under EP: this checkout vs ep-ds-shim 0.2.0 vs AutoEP, batch split",
+    "growth": "### 2-3. Realistic size and cost growth",
+    "export": EXPORT_HEADING,
+    "profile": "### Profile (where the shim's own time goes)",
+    "ratio": "### 4. The shim's load vs the EP-only load",
+    "overhead": "### Block overhead (in process)",
+}
+MEASURED_BY = "Measured by: "
+
+
+def measured_by(results: dict) -> str:
     m = results.get("machine", {})
-    lines = [
-        f"Command: `{results.get('command')}` ({results.get('mode')} run), {results.get('date')}; "
-        f"{m.get('cpus')} CPUs, {m.get('memory_gib')} GiB, gloo, DS_ACCELERATOR=cpu, one thread per rank; load "
-        f"average at start {', '.join(f'{x:.1f}' for x in m.get('load_average_at_start', []))}; took "
-        f"{results.get('seconds', 0) / 60:.1f} min.",
-        "",
-    ]
-    if results.get("not_run"):
-        lines += [f"A partial run: the sections {', '.join(results['not_run'])} were not run, so their tables are "
-                  "not in this file (see its git history, or run `./run.sh bench` for all of them).", ""]
+    return (f"{MEASURED_BY}`{results.get('command')}` ({results.get('mode')} run), {results.get('date')}; "
+            f"{m.get('cpus')} CPUs, {m.get('memory_gib')} GiB, gloo, DS_ACCELERATOR=cpu, one thread per rank; load "
+            f"average at start {', '.join(f'{x:.1f}' for x in m.get('load_average_at_start', []))}; took "
+            f"{results.get('seconds', 0) / 60:.1f} min.")
+
+
+def previous_blocks(text: str) -> dict[str, list[str]]:
+    """The sections of a previous results.md, by key: each from its heading to the next heading, with the line that
+    says which run measured it (a file from before these lines existed: its one header line)."""
+    lines = text.splitlines()
+    header = next((line for line in lines if line.startswith(("Command: ", MEASURED_BY))), None)
+    starts = [i for i, line in enumerate(lines) if line.startswith("### ")] + [len(lines)]
+    blocks = {}
+    for start, end in zip(starts, starts[1:]):
+        key = next((k for k, heading in HEADINGS.items() if lines[start] == heading), None)
+        if key is None:
+            continue
+        body = lines[start + 1:end]
+        if not any(line.startswith(MEASURED_BY) for line in body[:3]) and header:
+            body = ["", MEASURED_BY + header.removeprefix("Command: ").removeprefix(MEASURED_BY)] + body
+        blocks[key] = [lines[start], *body]
+    return blocks
+
+
+def markdown(results: dict, previous: str = "") -> str:
+    """results.md: the sections this run measured, and each one it left out as the previous file had it (under
+    the line that says which run measured it), so a partial run never drops a table."""
+    sections = results.get("sections", {})
+    lines = [measured_by(results), ""]
+    carried = {key: block for key, block in previous_blocks(previous).items() if key not in sections}
+    if carried:
+        lines += [f"Sections not run by this command ({', '.join(carried)}) are as the previous results had them, "
+                  "each under the line that says which run measured it.", ""]
     verdicts = {}
     if "compare" in sections:
-        lines += ["### 1. ep-ds-shim vs DeepSpeed AutoEP (same checkpoint, ranks, batches)", ""]
+        lines += [HEADINGS["compare"], "", measured_by(results), ""]
         body, v = compare_tables(sections["compare"])
         lines += body
         verdicts.update(v)
     if "shard" in sections:
-        lines += ["### 1b. ZeRO-3 sharding under EP: this checkout vs ep-ds-shim 0.2.0 vs AutoEP, batch split", ""]
+        lines += [HEADINGS["shard"], "", measured_by(results), ""]
         body, v = shard_tables(sections["shard"])
         lines += body + step_profile_lines(sections["shard"])
         verdicts.update(v)
     growth_metrics_ = []
     if "growth" in sections:
-        lines += ["### 2-3. Realistic size and cost growth", ""]
+        lines += [HEADINGS["growth"], "", measured_by(results), ""]
         body, v, growth_metrics_ = growth_tables(sections["growth"])
         lines += body
         verdicts.update(v)
     if "export" in sections:
-        lines += [EXPORT_HEADING, ""]
+        lines += [HEADINGS["export"], "", measured_by(results), ""]
         body, v = export_tables(sections["export"])
         lines += body
         verdicts.update(v)
     if "profile" in sections:
-        lines += ["### Profile (where the shim's own time goes)", ""]
+        lines += [HEADINGS["profile"], "", measured_by(results), ""]
         lines += profile_lines(sections["profile"])
     if "ratio" in sections:
-        lines += ["### 4. The shim's load vs the EP-only load", ""]
+        lines += [HEADINGS["ratio"], "", measured_by(results), ""]
         body, v = ratio_table(sections["ratio"])
         lines += body
         verdicts.update(v)
     if "overhead" in sections:
         o = sections["overhead"]
-        lines += ["### Block overhead (in process)", "", "| measure | value | target |", "|---|---|---|",
+        lines += [HEADINGS["overhead"], "", measured_by(results), "", "| measure | value | target |", "|---|---|---|",
                   f"| first enter+exit (shape checks, installs the wrappers) | {o['enter_exit_install_us']:.0f} us | < 1 ms |",
                   f"| enter+exit while installed | {o['enter_exit_installed_us']:.2f} us | < 1 ms |",
                   f"| wrapped function called outside the block | {o['wrapped_call_outside_block_ns']:.0f} ns "
                   f"(unwrapped {o['unwrapped_call_ns']:.0f} ns) | < 1 us extra |", ""]
+    for key, block in carried.items():
+        lines += [*block, ""] if block[-1].strip() else block
     if verdicts:
         lines += ["### Targets", "", "| target | measured | verdict |", "|---|---|---|"]
         for name, v in verdicts.items():
@@ -869,44 +906,3 @@ def markdown(results: dict) -> str:
             lines.append(f"| {name}: {v['target']} | {shown} | **{word}** |")
         lines.append("")
     return "\n".join(lines)
-
-
-def splice(existing: str, results: dict) -> str:
-    """`existing` results.md with the sections of `results` (a run of some sections only) replaced or added, each
-    under its heading with its own command line and date, and their target rows replaced in the Targets table;
-    the other sections keep what their own run measured."""
-    fresh = markdown(results).split("\n")
-    m = results.get("machine", {})
-    stamp = (f"Measured in its own run: `{results.get('command')}`, {results.get('date')}; load average at start "
-             f"{', '.join(f'{x:.1f}' for x in m.get('load_average_at_start', []))}.")
-    blocks = _blocks(fresh)
-    out = existing.rstrip("\n").split("\n")
-    for heading, body in blocks.items():
-        if heading == "### Targets":
-            continue
-        body = [heading, "", stamp, *body[1:]]
-        mine = _blocks(out)
-        if heading in mine:
-            start = out.index(heading)
-            out[start:start + len(mine[heading])] = body
-        else:
-            at = out.index("### Targets") if "### Targets" in out else len(out)
-            out[at:at] = body
-    rows = [line for line in blocks.get("### Targets", []) if line.startswith("| ") and "verdict" not in line
-            and not line.startswith("|---")]
-    if rows and "### Targets" in out:
-        names = {row.split(":")[0] for row in rows}
-        out = [line for line in out if not (line.startswith("| ") and line.split(":")[0] in names)]
-        at = out.index("### Targets") + 1
-        while at < len(out) and (not out[at] or out[at].startswith("|")):
-            at += 1
-        while not out[at - 1]:
-            at -= 1
-        out[at:at] = rows
-    return "\n".join(out) + "\n"
-
-
-def _blocks(lines: list[str]) -> dict[str, list[str]]:
-    """'### ...' heading -> its lines up to the next such heading."""
-    starts = [i for i, line in enumerate(lines) if line.startswith("### ")]
-    return {lines[i]: lines[i:j] for i, j in zip(starts, starts[1:] + [len(lines)])}

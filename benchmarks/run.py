@@ -495,11 +495,9 @@ def main(argv=None) -> int:
         results = json.loads((OUT / "results.json").read_text())
     else:
         results = Bench(args).run()
-    text = render.markdown(results)
-    partial = set(results.get("sections", {})) != set(SECTIONS)
-    if partial and (HERE / "results.md").exists():  # the other sections keep what their own run measured
-        text = render.splice((HERE / "results.md").read_text(), results)
-    (HERE / "results.md").write_text(text)
+    path = HERE / "results.md"
+    text = render.markdown(results, previous=path.read_text() if path.exists() else "")
+    path.write_text(text)
     print()
     print(text)
     return 0

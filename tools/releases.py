@@ -5,6 +5,7 @@
     python tools/releases.py env               # `export VAR=VALUE` lines transformers needs to run here
     python tools/releases.py add 5.26.0        # move the declared range (and pyproject.toml's requirement) to it
     python tools/releases.py check             # pyproject.toml states the declared range (tests run it too)
+    python tools/releases.py edge-rows         # the rows CI runs: each release line's oldest and newest release
 
 `install`: transformers with its requirements; when the package index cannot satisfy them all (5.25 requires
 kernels>=0.19.1, an index may top out below), transformers without them, then each requirement that can be had;
@@ -167,6 +168,23 @@ def check() -> int:
     return 1 if problems else 0
 
 
+def edge_rows(releases: tuple[str, ...]) -> tuple[str, ...]:
+    """The oldest and the newest of `releases` on each release line, and every release on no line (refused
+    outright). The shim's code differs between lines (ep_ds_shim/releases/lines.py), not inside one, so these rows
+    exercise every path the shim has in CI's time budget; `./run.sh matrix-all` runs every declared row."""
+    sys.path.insert(0, str(REPO))
+    from packaging.version import Version
+
+    from ep_ds_shim.releases.lines import RELEASE_LINES
+
+    picked = set()
+    for line in RELEASE_LINES:
+        on_line = [r for r in releases if Version(r) in line.releases]
+        picked.update(on_line[:1] + on_line[-1:])
+    picked.update(r for r in releases if not any(Version(r) in line.releases for line in RELEASE_LINES))
+    return tuple(r for r in releases if r in picked)
+
+
 def main(argv: list[str]) -> int:
     command, *rest = argv or ["help"]
     if command == "ci-release" and not rest:
@@ -180,6 +198,9 @@ def main(argv: list[str]) -> int:
         return add(rest[0])
     if command == "check" and not rest:
         return check()
+    if command == "edge-rows" and not rest:
+        print(" ".join(edge_rows(declared())))
+        return 0
     print(__doc__, file=sys.stderr)
     return 2
 

@@ -33,6 +33,9 @@ class ReleaseLine:
     # (`ep_dispatch_experts`: an all-to-all), which also serves ranks that hold *different* batches. DeepSpeed
     # training relies on it: every rank trains on its own batch (training/token_dispatch.py).
     token_dispatch: bool = False
+    # The release's EP hook all-reduces the experts' output only while their weights are DTensors (5.17-5.18): once
+    # the shim makes them plain local tensors (a load with ZeRO-3 signalled), it must attach that reduction itself.
+    expert_output_reduce_needs_dtensors: bool = False
 
 
 RELEASE_LINES = (
@@ -42,7 +45,8 @@ RELEASE_LINES = (
     ReleaseLine("5.6-5.14", SpecifierSet(">=5.6.0,<5.15"), FlagWithDeviceMesh()),
     # DistributedMixin; the flag alone raises TypeError; DTensor experts from 5.16; EP is tensor-parallel-like
     # (`ep_router` + `moe_tp_experts`: every rank of the EP group must hold the same batch), so no DeepSpeed training
-    ReleaseLine("5.15-5.18", SpecifierSet(">=5.15.0,<5.19"), FlagWithTpSize()),
+    ReleaseLine("5.15-5.18", SpecifierSet(">=5.15.0,<5.19"), FlagWithTpSize(),
+                expert_output_reduce_needs_dtensors=True),
     # ep_size and a mesh manager; with tp_size=N the flag also empties the TP plan (dense layers stay whole)
     ReleaseLine("5.20-5.22", SpecifierSet(">=5.20.0,<5.23"), FlagWithTpSize(), legacy_flag_silently_off=True,
                 token_dispatch=True),

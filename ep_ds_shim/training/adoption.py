@@ -28,6 +28,11 @@ from . import expert_groups, guard, token_dispatch
 from .export import SavePretrainedGuard
 from .record import RECORD_ATTR, EPModelRecord, record_of, unwrap
 
+try:  # only the 5.17-5.18 EP hook needs it (see `_reduce_expert_outputs`)
+    from transformers.distributed.tensor_parallel import _AllReduceForward
+except ImportError:
+    _AllReduceForward = None
+
 
 def record_ep_load(model, ep_size: int, line) -> EPModelRecord:
     expert_params = experts.expert_parameters(model)
@@ -63,10 +68,12 @@ def make_deepspeed_ready(model_or_engine) -> dict:
     if record.deepspeed_ready:
         return {}
     reason = training_refusal(transformers_version())
-    replaced = _localise_dtensors(model)
+    converted, replaced = _localise_dtensors(model)
     guard.drop_swap_guard(model)
     # its weights are now this rank's local shards, which transformers' save_pretrained would write as the model
     model.__dict__["save_pretrained"] = SavePretrainedGuard(model)
+    if converted and record.line.expert_output_reduce_needs_dtensors:
+        _reduce_expert_outputs(converted)
     if reason is None:
         # every rank feeds its own batch from here on; releases without the dispatcher keep their shared-batch EP
         # (training is refused there, inference stays as loaded)
@@ -97,13 +104,14 @@ def repoint_optimizer(optimizer, replaced: dict) -> None:
         group["params"] = [replaced.get(param, param) for param in group["params"]]
 
 
-def _localise_dtensors(model) -> dict:
-    """Replace DTensor parameters by plain Parameters holding this rank's local data; returns {old: new}.
+def _localise_dtensors(model) -> tuple[dict, dict]:
+    """Replace DTensor parameters by plain Parameters holding this rank's local data.
 
     Expert shards (`Shard(0)` on the EP mesh) and replicated dense weights become local tensors; a dense weight
     that is *sharded* is tensor parallelism, which ZeRO cannot partition correctly, so it is refused.
+    Returns the modules whose expert weights were sharded DTensors (with their mesh), and {old: new} parameters.
     """
-    replaced = {}
+    converted, replaced = {}, {}
     for module_name, module in model.named_modules():
         for name, param in list(module._parameters.items()):
             if not isinstance(param, DTensor):
@@ -116,8 +124,28 @@ def _localise_dtensors(model) -> dict:
                     "with expert parallelism only, dense layers must stay whole. Load with "
                     "ep_ds_shim.ep_from_pretrained_kwargs(...), which maps the TP plan to 'replicate'."
                 )
+            if not replicated:
+                converted[module] = param.device_mesh
             local = torch.nn.Parameter(param.to_local().detach(), requires_grad=param.requires_grad)
             local.__dict__.update({k: v for k, v in param.__dict__.items() if k.startswith("_is_hf")})
             module._parameters[name] = local
             replaced[param] = local
-    return replaced
+    return converted, replaced
+
+
+def _reduce_expert_outputs(converted: dict) -> None:
+    """On releases whose EP hook all-reduces the experts' output only while their weights are DTensors, attach
+    that reduction to each converted experts module, using the release's own autograd function."""
+    if _AllReduceForward is None:
+        raise EpShimError(
+            "this release's EP hook needs DTensor expert weights to all-reduce expert outputs, and its "
+            "_AllReduceForward could not be found; the shim cannot make the experts DeepSpeed-ready. "
+            "Report it with `python -m ep_ds_shim doctor`."
+        )
+    for module, mesh in converted.items():
+        group = mesh.get_group()
+
+        def all_reduce_output(module, args, output, group=group):
+            return _AllReduceForward.apply(output, group)
+
+        module.register_forward_hook(all_reduce_output)

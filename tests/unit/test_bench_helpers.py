@@ -182,3 +182,32 @@ def test_step_profile_sums_each_category_per_step():
     assert rows["host reads of tensors (.item / .tolist / .cpu)"]["calls"] == 3
     assert rows["optimizer step (engine.step: ZeRO-3 gradient reductions, clipping, Adam)"]["s"] == 1.5
     assert rows["all_reduce (losses, norms)"] == {"what": "all_reduce (losses, norms)", "s": 0.0, "calls": 0.0}
+
+
+# --- results.md -----------------------------------------------------------------------------------------------
+
+
+def _overhead_results(command: str, value: float) -> dict:
+    return {"command": command, "mode": "full", "date": "2026-12-03T10:00:00", "seconds": 60,
+            "machine": {"cpus": 2, "memory_gib": 23.5, "load_average_at_start": [1.0, 1.0, 1.0]},
+            "sections": {"overhead": {"enter_exit_install_us": value, "enter_exit_installed_us": 1.0,
+                                      "wrapped_call_outside_block_ns": 10.0, "unwrapped_call_ns": 5.0}}}
+
+
+def test_a_partial_run_carries_the_sections_it_left_out_under_their_own_command():
+    previous = "\n".join([
+        "Command: `./run.sh bench` (full run), 2026-11-25T21:51:52; 2 CPUs.", "",
+        render.HEADINGS["growth"], "", "| growth table |", "",
+        render.HEADINGS["overhead"], "", "| old overhead |", "",
+        "### Targets", "", "| old targets |",
+    ])
+    text = render.markdown(_overhead_results("./run.sh bench --sections overhead", 123.0), previous=previous)
+    # the section it ran is the new one; the one it left out is still there, saying which run measured it
+    assert "old overhead" not in text and "123 us" in text
+    growth = text[text.index(render.HEADINGS["growth"]):]
+    assert "| growth table |" in growth
+    assert growth.splitlines()[2] == "Measured by: `./run.sh bench` (full run), 2026-11-25T21:51:52; 2 CPUs."
+    assert "old targets" not in text  # the targets are this run's verdicts only
+    # and a later partial run keeps both, each under its own line
+    again = render.markdown(_overhead_results("./run.sh bench --sections overhead", 99.0), previous=text)
+    assert again.count(render.HEADINGS["growth"]) == 1 and "| growth table |" in again and "99 us" in again

@@ -133,3 +133,18 @@ def test_the_rendered_table_states_the_declared_range():
     assert SpecifierSet(matrix.get("verified_transformers", "")) == support.VERIFIED_TRANSFORMERS, (
         "the table was rendered for another range: python tools/matrix.py render")
     assert f"`{support.verified_range_text()}`" in (REPO / "docs" / "support-matrix.md").read_text()
+
+
+def test_ci_runs_every_release_lines_oldest_and_newest_row_and_every_refused_one():
+    from ep_ds_shim.releases.lines import RELEASE_LINES
+
+    edges = releases_tool.edge_rows(MATRIX_RELEASES)
+    assert edges[-1] == MATRIX_RELEASES[-1], "CI's default release is a row CI runs"
+    for line in RELEASE_LINES:
+        on_line = [r for r in MATRIX_RELEASES if Version(r) in line.releases]
+        assert not on_line or (on_line[0] in edges and on_line[-1] in edges), (line.name, edges)
+        assert len([r for r in edges if Version(r) in line.releases]) <= 2, (line.name, edges)
+    refused = [r for r in MATRIX_RELEASES if not any(Version(r) in line.releases for line in RELEASE_LINES)]
+    assert set(refused) <= set(edges), edges
+    # derived from the lines, not listed: an added release becomes its line's newest edge without touching the tool
+    assert releases_tool.edge_rows(("5.20.0", "5.21.0", "5.22.0", "5.99.0")) == ("5.20.0", "5.22.0", "5.99.0")
