@@ -17,8 +17,14 @@ modes:
           each rank holds after the steps (dense / expert partitions, optimizer state: common.zero3_state).
           Runs with either release of the library (the 0.2.0 baseline's environment too).
   scale   the realistic-size table: EP load under ZeRO-3 (timed, fingerprints timed), ep_ds_shim.initialize,
-          verify_expert_integrity, then the export (ep_ds_shim.save_pretrained) to --export-dir, each with its
-          peak RSS.
+          verify_expert_integrity, each with its peak RSS.
+  export  the export table: EP load under ZeRO-3, ep_ds_shim.initialize, then two exports with
+          max_shard_size = the model's bytes / --shard-fraction, in the order --order gives: "stream" =
+          ep_ds_shim.save_pretrained (streamed, every rank writes), "previous" = the previous implementation (the
+          whole state dict gathered to global rank 0, written there by transformers' save_pretrained). Each: heap
+          returned to the OS, a barrier, the peak-RSS counter reset; seconds, peak RSS growth, and the stream's
+          own timers (transfers, conversion, writing, verification + move). Then rank 0 compares the two exports
+          tensor by tensor.
 """
 
 from __future__ import annotations
@@ -52,9 +58,58 @@ def phase(report: dict, name: str, fn, barrier=None):
     return common.measure(report, name, fn, barrier, timers=shim_timers.take)
 
 
+def previous_export(engine, directory: str, max_shard_size: int) -> None:
+    """The previous implementation: the whole state dict on global rank 0, written there by transformers."""
+    import torch.distributed as dist
+
+    from ep_ds_shim.training.export import gather_full_state_dict, single_process_save
+    from ep_ds_shim.training.record import unwrap
+
+    model = unwrap(engine)
+    full = gather_full_state_dict(engine)
+    if full is not None:
+        with single_process_save(model):
+            type(model).save_pretrained(model, directory, state_dict=full, max_shard_size=max_shard_size)
+    del full
+    dist.barrier()
+
+
+def export_phases(engine, args, report: dict, rank: int) -> None:
+    """The stream and previous exports (measured), their plan's bound, and whether they hold the same tensors."""
+    import shutil
+
+    import torch.distributed as dist
+
+    import ep_ds_shim
+    from ep_ds_shim.training.export.plan import build_plan
+    from ep_ds_shim.training.record import record_of, unwrap
+
+    model_bytes = common.checkpoint_bytes(args.checkpoint)["total"]
+    shard = model_bytes // args.shard_fraction
+    plan = build_plan(unwrap(engine), record_of(engine), max_shard_size=shard, variant=None,
+                      save_original_format=True)
+    report["export_plan"] = {"max_shard_size": shard, "model_bytes": plan.total_size, "shards": len(plan.shards),
+                             "largest_tensor": max(e.nbytes for e in plan.entries.values()),
+                             "largest_unit": plan.largest_unit()}
+    directories = {"stream": os.path.join(args.export_dir, "stream"),
+                   "previous": os.path.join(args.export_dir, "previous")}
+    calls = {"stream": lambda: ep_ds_shim.save_pretrained(engine, directories["stream"], max_shard_size=shard),
+             "previous": lambda: previous_export(engine, directories["previous"], shard)}
+    for name in args.order.split(","):
+        common.release_memory()
+        if rank == 0:
+            os.sync()  # the other export's dirty pages are written back now, not throttling this one
+        phase(report, f"export_{name}", calls[name], barrier=dist.barrier)
+    if rank == 0:
+        report["exports_identical"] = common.same_tensors(directories["stream"], directories["previous"])
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(args.export_dir, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["loads", "train", "scale"])
+    parser.add_argument("mode", choices=["loads", "train", "scale", "export"])
     parser.add_argument("checkpoint")
     parser.add_argument("report")
     parser.add_argument("--schedule", default="ABBA")
@@ -62,6 +117,8 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=None, help="the global batch (default: common.MICRO)")
     parser.add_argument("--batch", default="split", choices=["split", "same"])
     parser.add_argument("--export-dir")
+    parser.add_argument("--shard-fraction", type=int, default=8)
+    parser.add_argument("--order", default="stream,previous")
     parser.add_argument("--allow-unverified", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -140,7 +197,7 @@ def main() -> None:
             step_loss=lambda loss: common.mean_over_ranks(loss, world))
         report["steps"]["timers"] = shim_timers.take()
         report["zero3"] = common.zero3_state(engine, world)
-    else:  # scale
+    elif args.mode == "scale":
         hf = HfDeepSpeedConfig(common.ds_config())  # noqa: F841
         model = phase(report, "load", lambda: shim_load(True), barrier=prewarmed_barrier)
         report["held_after_load_mb"] = held_mb(model)
@@ -148,9 +205,11 @@ def main() -> None:
             model=model, layout=layout, config=common.ds_config()), barrier=dist.barrier)
         for attempt in range(3):  # a cross-rank check: three calls, the median is reported
             phase(report, f"verify{attempt}", lambda: ep_ds_shim.verify_expert_integrity(engine), barrier=dist.barrier)
-        if args.export_dir:
-            common.release_memory()
-            phase(report, "export", lambda: ep_ds_shim.save_pretrained(engine, args.export_dir), barrier=dist.barrier)
+    else:  # export
+        hf = HfDeepSpeedConfig(common.ds_config())  # noqa: F841
+        model = shim_load(True)
+        engine, *_ = ep_ds_shim.initialize(model=model, layout=layout, config=common.ds_config())
+        export_phases(engine, args, report, rank)
     write_report(args.report, report, rank=rank)
     dist.barrier()
     dist.destroy_process_group()

@@ -293,6 +293,25 @@ def checkpoint_bytes(path) -> dict:
     return {"dense": dense, "experts": experts, "total": dense + experts, "files": files}
 
 
+def same_tensors(first, second) -> dict:
+    """Whether two exports hold the same keys with bit-identical values (read one tensor at a time)."""
+    import torch
+    from safetensors import safe_open
+
+    def where(path):
+        return {key: file for file in checkpoint_files(path) for key in safe_open(str(file), "pt").keys()}
+
+    left, right = where(first), where(second)
+    differing = []
+    for key in sorted(set(left) & set(right)):
+        with safe_open(str(left[key]), "pt") as a, safe_open(str(right[key]), "pt") as b:
+            x, y = a.get_tensor(key), b.get_tensor(key)
+            if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x, y):
+                differing.append(key)
+    return {"keys": len(left), "same_keys": set(left) == set(right), "differing": differing[:5],
+            "identical": set(left) == set(right) and not differing}
+
+
 _READ_BUFFER = bytearray(16 << 20)
 
 

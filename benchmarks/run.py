@@ -22,9 +22,12 @@ benchmarks/results.md with the command and date, and to build/bench/results.json
    1/world), the optimizer state, peak RSS, and the steady-state step (target: no slower than AutoEP split).
    Large training jobs wait for enough free memory (--memory-wait) and are skipped, and say so, if it never comes.
 2. realistic size (>= 1.5 GB, 64 experts per layer), 2 and 4 ranks: per rank load time, peak RSS against the
-   bytes the rank must hold, the integrity fingerprints and `verify_expert_integrity` as % of load time, the
-   export (`ep_ds_shim.save_pretrained`) time and peak RSS against the model's bytes.
+   bytes the rank must hold, the integrity fingerprints and `verify_expert_integrity` as % of load time.
 3. cost growth over experts (64 vs 128 per layer, same expert size) x ranks (2 vs 4).
+5. the export (`ep_ds_shim.save_pretrained`, streamed, every rank writes) against the previous one (the whole
+   model gathered to global rank 0 and written there), max_shard_size = 1/8 of the model, 1.5 GB and 3 GB on 2
+   and 4 ranks: time, each rank's peak RSS growth against max_shard_size + the largest tensor, the stream's own
+   steps, and whether both exports hold identical tensors.
 4. the shim's load against the EP-only load (target <= 1.05), decided by the run: both variants alternate
    (ABBA) inside the same processes, each load after the checkpoint was read into the page cache (same cache
    state for every load) and the heap returned to the OS; jobs alternate which variant comes first; pairs are
@@ -78,6 +81,7 @@ PLANS = {
         # (checkpoint, steps, rounds, AutoEP's variants as load[:batch]: every one in the first round, the first after)
         "compare": [("small-64", 6, 2, "plain:split,plain"), ("mixtral-small-64", 6, 1, "plain:split")],
         "growth": {"sizes": ("small-64", "small-128"), "ranks": (2, 4)},
+        "export": {"sizes": ("small-64", "small-128"), "ranks": (2, 4)},
         "ratio": "small-64",
         "ratio_jobs": 3,
         # (checkpoint, ranks, steps, rounds): every side in every round, rounds alternating the order
@@ -89,6 +93,7 @@ PLANS = {
         "compare": [("medium-64", 12, 3, "plain:split,plain"), ("mixtral-small-64", 6, 1, "plain:split"),
                     ("large-64", 3, 2, "plain:split,plain")],
         "growth": {"sizes": ("large-64", "large-128"), "ranks": (2, 4)},
+        "export": {"sizes": ("large-64", "large-128"), "ranks": (2, 4)},
         "ratio": "large-64",
         "ratio_jobs": 12,
         "shard": [("large-64", 2, 5, 2), ("medium-64", 4, 4, 1)],
@@ -96,7 +101,7 @@ PLANS = {
         "minutes": 25.0,
     },
 }
-SECTIONS = ("overhead", "compare", "shard", "growth", "resume", "profile", "ratio")
+SECTIONS = ("overhead", "compare", "shard", "growth", "export", "resume", "profile", "ratio")
 # The shard section's global batch: sequences per optimizer step, the same for every side (split over 2 or 4 ranks).
 SHARD_SEQUENCES = 4
 # Its sides: (name, batch mode); which python runs them is in Bench.shard_side.
@@ -361,20 +366,36 @@ print(json.dumps(dict(enter_exit_install_us=enter_exit_cold * 1e6, enter_exit_in
             time.sleep(15)
 
     def growth(self) -> dict:
-        """Tables 2 and 3: load, fingerprints, integrity check and export at the realistic sizes, 2 and 4 ranks."""
+        """Tables 2 and 3: load, fingerprints and integrity check at the realistic sizes, 2 and 4 ranks."""
         out = {"configs": []}
-        export_dir = OUT / "export-tmp"
         for size in self.plan["growth"]["sizes"]:
             path = self.checkpoint(size)
             for nproc in self.plan["growth"]["ranks"]:
-                shutil.rmtree(export_dir, ignore_errors=True)
                 _, reports = self.job(f"growth-{size}-{nproc}ranks", self.main_python, "bench_worker.py",
-                                      ["scale", path, "{json}", "--export-dir", export_dir], nproc)
-                exported = sum(f.stat().st_size for f in export_dir.glob("*.safetensors"))
+                                      ["scale", path, "{json}"], nproc)
+                out["configs"].append({"checkpoint": path.name, "size": size, "ranks": nproc,
+                                       "bytes": common.checkpoint_bytes(path), "reports": reports})
+        return out
+
+    def export(self) -> dict:
+        """Table 5: the streamed export against the previous one (gather to rank 0), max_shard_size = 1/8 of the
+        model, at the realistic sizes on 2 and 4 ranks; two jobs per configuration, one with each export first."""
+        out = {"configs": [], "shard_fraction": 8}
+        export_dir = OUT / "export-tmp"
+        for size in self.plan["export"]["sizes"]:
+            path = self.checkpoint(size)
+            for nproc in self.plan["export"]["ranks"]:
+                runs = []
+                for order in ("stream,previous", "previous,stream"):  # one job each: neither side always first
+                    shutil.rmtree(export_dir, ignore_errors=True)
+                    _, reports = self.job(f"export-{size}-{nproc}ranks-{order.split(',')[0]}-first", self.main_python,
+                                          "bench_worker.py", ["export", path, "{json}", "--export-dir", export_dir,
+                                                              "--shard-fraction", out["shard_fraction"], "--order",
+                                                              order], nproc)
+                    runs.append({"order": order, "reports": reports})
                 shutil.rmtree(export_dir, ignore_errors=True)
                 out["configs"].append({"checkpoint": path.name, "size": size, "ranks": nproc,
-                                       "bytes": common.checkpoint_bytes(path), "exported_bytes": exported,
-                                       "reports": reports})
+                                       "bytes": common.checkpoint_bytes(path), "runs": runs})
         return out
 
     def resume(self) -> dict:

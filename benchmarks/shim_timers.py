@@ -103,6 +103,16 @@ def install() -> None:
     _inclusive(adoption, "make_deepspeed_ready", "make_deepspeed_ready")
     _inclusive(experts, "fingerprints", "fingerprints")
     _inclusive(guard, "verify_expert_integrity", "verify_expert_integrity")
+    # the export's steps (ep_ds_shim.training.export): transfers, conversion, writing, verification and the move
+    from ep_ds_shim.training.export import gather, plan, stream, target, write
+
+    _inclusive(plan, "build_plan", "export: plan")
+    _inclusive(gather, "bring", "export: transfers")
+    _inclusive(write, "convert", "export: conversion")
+    _inclusive(write, "write_shard", "export: writing")
+    _inclusive(write, "verify", "export: verification")
+    _inclusive(target.Staging, "commit", "export: move into place")
+    _inclusive(stream, "write_config", "export: config")
 
 
 def shim_self_seconds(timers: dict) -> float:

@@ -37,7 +37,7 @@ _PUBLIC = {
     **{name: "ep_ds_shim.errors" for name in (
         "EpShimError", "UnsupportedReleaseError", "TargetDriftError", "EPRequestError", "DeepSpeedGroupsError",
         "ExpertIntegrityError", "RestoreError", "ScopeError", "RankDisagreementError", "CollectiveTimeoutError",
-        "IncompleteSaveError", "CheckpointLayoutError", "CheckpointIntegrityError",
+        "RankExitedError", "ExportError", "IncompleteSaveError", "CheckpointLayoutError", "CheckpointIntegrityError",
     )},
 }
 
@@ -66,8 +66,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names above are
         EPRequestError,
         EpShimError,
         ExpertIntegrityError,
+        ExportError,
         IncompleteSaveError,
         RankDisagreementError,
+        RankExitedError,
         RestoreError,
         ScopeError,
         TargetDriftError,

@@ -43,6 +43,15 @@ class CollectiveTimeoutError(EpShimError):
     """A rank did not join one of the library's own cross-rank checks in time (it never reached that point)."""
 
 
+class RankExitedError(CollectiveTimeoutError):
+    """A rank's process ended without joining one of the library's own cross-rank checks."""
+
+
+class ExportError(EpShimError):
+    """`ep_ds_shim.save_pretrained` could not write, verify or move the export into place; the target directory
+    holds what it held before (or, if the failure came while moving, no model that claims to be complete)."""
+
+
 class IncompleteSaveError(EpShimError):
     """A save path would write only this rank's part of the experts; nothing was written."""
 

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from .. import experts
-from ..distributed import exchange, initialised
+from ..distributed import arrive, exchange, initialised
 from ..errors import DeepSpeedGroupsError, EpShimError, ExpertIntegrityError
 from ..releases.lines import refuse_training_if_unsupported
 from ..releases.support import transformers_version
@@ -181,6 +181,8 @@ def verify_expert_integrity(model_or_engine, *, ranks: tuple[int, ...] | None = 
     if under_zero3(model):
         import deepspeed  # only reached once DeepSpeed has converted the model, so it is imported already
 
+        # gathering the shards is a collective: a call made on some ranks only must be named, not hang
+        arrive("expert_integrity", what="the expert integrity check (verify_expert_integrity)")
         gather = deepspeed.zero.GatheredParameters(list(expert_params.values()), modifier_rank=None)
     with gather:
         current = experts.fingerprints(expert_params)

@@ -21,6 +21,7 @@ import json
 import os
 
 
+from ..distributed import arrive
 from ..errors import DeepSpeedGroupsError, EpShimError
 from ..releases.lines import refuse_training_if_unsupported
 from ..releases.support import check_deepspeed, transformers_version
@@ -38,6 +39,8 @@ def layout_for(record: EPModelRecord, layout: DPxEPLayout | None) -> DPxEPLayout
     if layout is None:
         layout = _auto_layouts.get(record.ep_size)
         if layout is None:
+            # building the layout creates process groups, a collective: a hand-over on some ranks only is named
+            arrive("auto_layout", what="the DeepSpeed hand-over (building the DP x EP layout)")
             layout = _auto_layouts[record.ep_size] = DPxEPLayout(record.ep_size)
     if tuple(layout.ep_ranks) != tuple(record.ep_ranks):
         raise DeepSpeedGroupsError(

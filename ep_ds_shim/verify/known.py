@@ -100,13 +100,13 @@ KNOWN: tuple[Known, ...] = (
     Known(
         ("sarvam_moe",), ("export",), SpecifierSet(">=5.24"), "upstream",
         "transformers' own save -> load round trip of this family loses keys (the saved config names glm4_moe); "
-        "the export is transformers' save_pretrained, so it inherits that",
+        "the export writes what transformers' save_pretrained writes, so it inherits that",
         r"loading_problems=.*missing_keys", _round_trip,
     ),
     Known(
         ("inkling2",), ("export",), SpecifierSet("==5.23.*"), "upstream",
-        "transformers 5.23's own save -> load round trip of this family fails; the export is transformers' "
-        "save_pretrained, so it inherits that",
+        "transformers 5.23's own save -> load round trip of this family fails; the export writes what transformers' "
+        "save_pretrained writes, so it inherits that",
         r"loading_problems=|Error", _round_trip,
     ),
     Known(
