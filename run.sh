@@ -102,7 +102,7 @@ matrix_rows() {
 matrix_all() {
     matrix_rows "$@"
     matrix_rows "$CI_RELEASE" --wrapt 1.17.3 --unit-tests
-    matrix_rows "$CI_RELEASE" --deepspeed 0.19.0
+    matrix_rows "$CI_RELEASE" --deepspeed 0.19.3
     matrix_rows "$CI_RELEASE" --torch 2.14.1
     matrix_rows "$CI_RELEASE" --accelerate 1.16.0 --tests tests/distributed/training/test_launchers.py
 }

@@ -57,7 +57,7 @@ for step, batch in enumerate(loader):
     if rank == 0 and step % 4 == 0:
         print(f"step {step:2d}  loss {loss.item():.3f}", flush=True)
 
-# 6. Resume point (this layout) and a standard checkpoint (any layout, or none): call both on every rank.
+# 6. Resume point and a standard checkpoint (both reload in any DP x EP layout): call both on every rank.
 engine.save_checkpoint("build/quickstart/checkpoint")
 ep_ds_shim.save_pretrained(engine, "build/quickstart/model")
 if rank == 0:

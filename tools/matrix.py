@@ -1,7 +1,7 @@
 """The support matrix: run every column of every row on real releases, and render the committed table.
 
     python tools/matrix.py run [RELEASE ...]       # default: the last patch of every verified minor
-    python tools/matrix.py run 5.20.2 --wrapt 1.17.3 --deepspeed 0.19.0 --accelerate 1.16.0
+    python tools/matrix.py run 5.20.2 --wrapt 1.17.3 --deepspeed 0.19.3 --accelerate 1.16.0
     python tools/matrix.py run --newest            # the canary: the newest transformers on the package index
     python tools/matrix.py render [--fresh]        # build/matrix/*.json -> ep_ds_shim/releases/support_matrix.json,
                                                    #                        docs/support-matrix.md (--fresh: only them)

@@ -17,7 +17,8 @@ from packaging.version import Version
 from ..errors import UnsupportedReleaseError
 from .verified import MATRIX_RELEASES
 
-VERIFIED_DEEPSPEED = SpecifierSet(">=0.19.0,<0.20")
+# 0.19.3 added per-parameter ZeRO-3 placement (AutoEP's expert families), which the experts' partition groups need
+VERIFIED_DEEPSPEED = SpecifierSet(">=0.19.3,<0.20")
 
 # Opting in to a transformers release newer than the last verified one. The shape checks still run.
 ALLOW_UNVERIFIED_ENV = "EP_DS_SHIM_ALLOW_UNVERIFIED"

@@ -2,7 +2,7 @@
 
 ZeRO-3 partitions every parameter over DeepSpeed's data-parallel group, which without an ``mpu`` is every rank,
 and that is what dense weights need. An expert shard must instead be partitioned over the ranks holding the *same*
-experts, its expert-data-parallel group ``{e, e+ep, e+2ep, ...}``. DeepSpeed 0.19 already knows such parameters:
+experts, its expert-data-parallel group ``{e, e+ep, e+2ep, ...}``. DeepSpeed 0.19.3+ already knows such parameters:
 its AutoEP experts carry
 
 - ``allreduce = False`` and ``group_name``: DeepSpeed's MoE-parameter markers (`deepspeed.moe.utils.is_moe_param`),
@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from .. import experts
-from ..errors import DeepSpeedGroupsError
+from ..errors import DeepSpeedGroupsError, UnsupportedReleaseError
+from ..releases.support import VERIFIED_DEEPSPEED
 
 # DeepSpeed's tags for an expert parameter partitioned over its expert-data-parallel group (AutoEP's family).
 EXPERT_FAMILY = "autoep_expert"
@@ -32,6 +33,21 @@ EXPERT_FAMILY = "autoep_expert"
 def group_name(ep_size: int) -> str:
     """The name DeepSpeed gives the expert groups of EP size `ep_size`."""
     return f"ep_size_{ep_size}"
+
+
+def require_expert_placement(deepspeed) -> None:
+    """Refuse a DeepSpeed without per-parameter ZeRO-3 placement (before 0.19.3), whatever the opt-in: its ZeRO-3
+    would partition each expert shard over every rank, overwriting the other ranks' experts with one rank's."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    if not hasattr(DeepSpeedEngine, "_resolve_zero3_param_placement"):
+        raise UnsupportedReleaseError(
+            f"DeepSpeed {getattr(deepspeed, '__version__', '?')} has no per-parameter ZeRO-3 placement "
+            "(`DeepSpeedEngine._resolve_zero3_param_placement`, DeepSpeed 0.19.3 and newer), which ep-ds-shim uses to "
+            "partition each expert shard over the ranks holding the same experts; it would partition them over every "
+            f"rank and mix different ranks' experts. Install a verified release: pip install "
+            f"'deepspeed{VERIFIED_DEEPSPEED}' (DS_BUILD_OPS=0 on CPU)."
+        )
 
 
 def tag_expert_parameters(model, ep_size: int) -> None:

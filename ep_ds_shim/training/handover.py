@@ -25,7 +25,7 @@ from ..distributed import arrive
 from ..errors import DeepSpeedGroupsError, EpShimError
 from ..releases.lines import refuse_training_if_unsupported
 from ..releases.support import check_deepspeed, transformers_version
-from . import agreement, engine_paths, guard, precision
+from . import agreement, engine_paths, expert_groups, guard, precision
 from .adoption import make_deepspeed_ready, repoint_optimizer
 from .layout import DPxEPLayout
 from .record import EPModelRecord, record_of
@@ -69,7 +69,7 @@ def stage_error(stage) -> EpShimError:
     return EpShimError(
         f"the DeepSpeed config asks for ZeRO stage {stage}; ep-ds-shim trains EP models with ZeRO stage 3 only. "
         "Every rank trains on its own batch: ZeRO-3 partitions the dense weights over all ranks and each expert shard "
-        "over the ranks holding the same experts, with DeepSpeed's own expert groups, which DeepSpeed 0.19 applies "
+        "over the ranks holding the same experts, with DeepSpeed's own expert groups, which DeepSpeed 0.19.3+ applies "
         "per parameter at stage 3 only (at stages 0-2 they belong to its own MoE layers). Set "
         '"zero_optimization": {"stage": 3} in the DeepSpeed config.'
     )
@@ -81,6 +81,7 @@ def before(model, layout: DPxEPLayout | None, config, *, optimizer=None, allow_u
     import deepspeed  # the DeepSpeed side needs it; loading alone does not
 
     check_deepspeed(getattr(deepspeed, "__version__", None), allow_unverified=allow_unverified)
+    expert_groups.require_expert_placement(deepspeed)
     refuse_training_if_unsupported(transformers_version())
     record = record_of(model)
     layout = layout_for(record, layout)
