@@ -1,7 +1,7 @@
 """Direct timers of the shim's own work, installed in a benchmark worker process only (the library is unchanged).
 
 Every wrapper the loading block installs (the `from_pretrained` entry, the ZeRO-3 gates, the ZeRO-3 question, the
-mesh sizing) is replaced, in `ep_ds_shim.patch_registry.POINTS`, by a timed copy that measures its *self* time:
+mesh sizing) is replaced, in `ep_ds_shim.loading.patches.POINTS`, by a timed copy that measures its *self* time:
 its total time minus the time spent in the transformers function it wraps. Named internals are timed as well
 (inclusive): the request checks, the cross-rank agreement, the post-load work (loaded-model check, record +
 fingerprints, DeepSpeed-readiness) and the integrity check. The sum of the wrappers' self times, plus entering and
@@ -84,23 +84,21 @@ def install() -> None:
     if _installed:
         return
     _installed = True
-    from ep_ds_shim import experts, patch_registry
-    from ep_ds_shim.loading import entry
-    from ep_ds_shim.loading.state import LOADING
-    from ep_ds_shim.training import adoption, agreement, guard
+    from ep_ds_shim import experts, rank_agreement
+    from ep_ds_shim.loading import entry, patches
+    from ep_ds_shim.training import deepspeed_ready, guard
 
-    patch_registry.POINTS = tuple(
+    patches.POINTS = tuple(
         dataclasses.replace(point, wrapper=_self_timed(f"{point.role} {point.name}", point.wrapper))
-        if point.scope is LOADING else point
-        for point in patch_registry.POINTS
+        for point in patches.POINTS
     )
     # inclusive timers of named internals (each is inside one wrapper's self time, or called by the user)
     _inclusive(entry, "validate_request", "validate_request")
-    _inclusive(agreement, "check_load_request", "check_load_request (cross-rank agreement)")
+    _inclusive(rank_agreement, "check_load_request", "check_load_request (cross-rank agreement)")
     _inclusive(entry, "_after_ep_load", "_after_ep_load")
     _inclusive(entry, "check_loaded_model", "check_loaded_model")
-    _inclusive(adoption, "record_ep_load", "record_ep_load")
-    _inclusive(adoption, "make_deepspeed_ready", "make_deepspeed_ready")
+    _inclusive(deepspeed_ready, "record_ep_load", "record_ep_load")
+    _inclusive(deepspeed_ready, "make_deepspeed_ready", "make_deepspeed_ready")
     _inclusive(experts, "fingerprints", "fingerprints")
     _inclusive(guard, "verify_expert_integrity", "verify_expert_integrity")
     # the export's steps (ep_ds_shim.training.export): transfers, conversion, writing, verification and the move

@@ -26,8 +26,8 @@ _PUBLIC = {
     "VERIFIED_TRANSFORMERS": "ep_ds_shim.releases.support",
     "VERIFIED_DEEPSPEED": "ep_ds_shim.releases.support",
     "DPxEPLayout": "ep_ds_shim.training.layout",
-    "initialize": "ep_ds_shim.training.handover",
-    "supply_deepspeed_groups": "ep_ds_shim.training.groups_scope",
+    "initialize": "ep_ds_shim.training.deepspeed_handover",
+    "supply_deepspeed_groups": "ep_ds_shim.training.launcher_groups",
     "check_deepspeed_groups": "ep_ds_shim.training.guard",
     "verify_expert_integrity": "ep_ds_shim.training.guard",
     "save_pretrained": "ep_ds_shim.training.export",
@@ -80,8 +80,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names above are
     from .releases.support import VERIFIED_DEEPSPEED, VERIFIED_TRANSFORMERS  # noqa: F401
     from .training.checkpoints import load_checkpoint  # noqa: F401
     from .training.export import save_pretrained  # noqa: F401
-    from .training.groups_scope import supply_deepspeed_groups  # noqa: F401
+    from .training.launcher_groups import supply_deepspeed_groups  # noqa: F401
     from .training.guard import check_deepspeed_groups, verify_expert_integrity  # noqa: F401
-    from .training.handover import initialize  # noqa: F401
+    from .training.deepspeed_handover import initialize  # noqa: F401
     from .training.layout import DPxEPLayout  # noqa: F401
     from .training.trainer import EPTrainer, EPTrainerMixin  # noqa: F401

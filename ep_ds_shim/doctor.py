@@ -166,9 +166,10 @@ def _release_advice(version: str, drifted: bool = False) -> str:
 
 def _shape_checks(report: dict, version: str, problem) -> None:
     """Every shape check and the EP spelling, also on a release the shim would refuse."""
-    from . import patch_registry  # imports transformers: only once the doctor knows it imports
     from .errors import UnsupportedReleaseError
-    from .loading.state import LOADING
+    from .loading import patches  # imports transformers: only once the doctor knows it imports
+    from .loading.context import LOADING
+    from .patching.plan import make_plan
     from .releases.lines import release_line_for
 
     try:
@@ -182,7 +183,7 @@ def _shape_checks(report: dict, version: str, problem) -> None:
         report["training_refused"] = training_refusal(version)
     report["ep_spelling"] = line.spelling.summary if line else None
     report["dp_x_ep"] = bool(line and line.replica_mesh)
-    plan = patch_registry.make_plan(LOADING, line)
+    plan = make_plan(patches.POINTS, LOADING, line)
     report["checks"] = [
         {"point": item.point.name, "role": item.point.role, "target": item.target.qualname, "ok": item.report.ok,
          "kind": item.report.found_kind, "params": list(item.report.found_params or ()),

@@ -17,7 +17,7 @@ import runpy
 import sys
 
 from .loading.block import ep_zero3_compat
-from .training.groups_scope import supply_deepspeed_groups
+from .training.launcher_groups import supply_deepspeed_groups
 
 
 def main(argv=None) -> int:

@@ -7,9 +7,9 @@ decorator, and nestable.
 
 from __future__ import annotations
 
-from ..patch_registry import LOADING_PATCHES
+from .patches import LOADING_PATCHES
 from ..patching.scope import Block
-from .state import LOADING, BlockOptions
+from .context import LOADING, BlockOptions
 
 
 class ep_zero3_compat(Block):  # noqa: N801 - reads like the function users call

@@ -1,13 +1,14 @@
 """The `from_pretrained` scope: decide whether a load is an EP load, check it before any collective runs, and hand
-the loaded model to the training side's record.
+the loaded model to the training side (one hook, `TRAINING_HOOK`).
 
 `from_pretrained` is the only place that sees `distributed_config` / `device_mesh`; the gates below it are
-called positionally. So the entry wrapper records the request in a ContextVar (`state.current_load`) and the
+called positionally. So the entry wrapper records the request in a ContextVar (`context.current_load`) and the
 gates read it from there.
 """
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 from transformers.distributed import DistributedConfig
@@ -18,12 +19,12 @@ from ..errors import EPRequestError
 from ..log import logger
 from ..patching.targets import Target
 from ..releases.lines import ReleaseLine, release_line_for
-from ..training import adoption, agreement
+from .. import rank_agreement
 from . import legacy_spelling
 from .legacy_spelling import legacy_flag_without_ep, message
 from .loaded_model import check_loaded_model
 from .request import validate_request
-from .state import LoadRecord, loading, translating_upstream_spelling
+from .context import LoadRecord, loading, translating_upstream_spelling
 from .zero3_question import zero3_signalled
 from ..releases.support import transformers_version
 
@@ -34,6 +35,11 @@ TARGET = Target(
     leading_params=("cls", "pretrained_model_name_or_path", "model_args"),
 )
 NAME = "from_pretrained"
+
+# The one way from loading into training: at the end of every EP load, record the model (EP group, expert
+# fingerprints), attach its instance guards and, when DeepSpeed is signalled, make it DeepSpeed-ready. Resolved on
+# the first EP load, so importing the loading block imports no training module.
+TRAINING_HOOK = "ep_ds_shim.training.deepspeed_ready:adopt_ep_load"
 
 
 def _normalised(distributed_config):
@@ -64,7 +70,7 @@ def from_pretrained(wrapped, cls, args, kwargs):
 
     validate_request(cls, args, kwargs, ep_size, line)
     # Before any collective of the load: every rank must ask for the same load, or all of them hear why.
-    agreement.check_load_request(cls.__name__, ep_size, kwargs)
+    rank_agreement.check_load_request(cls.__name__, ep_size, kwargs)
     with loading(record):
         result = wrapped(*args, **kwargs)
     model = result[0] if isinstance(result, tuple) else result
@@ -74,15 +80,18 @@ def from_pretrained(wrapped, cls, args, kwargs):
 
 def _after_ep_load(model, record: LoadRecord, line: ReleaseLine) -> None:
     check_loaded_model(model, record.ep_size)
-    adoption.record_ep_load(model, record.ep_size, line)
-    if hf_deepspeed.deepspeed_config() is not None:
-        # DeepSpeed is signalled (any ZeRO stage): it will take this model, so make it DeepSpeed-ready now and arm
-        # the first-forward guard, which also catches the upstream recipe (no DP x EP groups). Without DeepSpeed
-        # signalled the model stays exactly what transformers returned until the library hands it to DeepSpeed.
-        adoption.make_deepspeed_ready(model)
+    # DeepSpeed signalled (any ZeRO stage): it will take this model, so the hook makes it DeepSpeed-ready now and
+    # arms the first-forward guard, which also catches the upstream recipe (no DP x EP groups). Without DeepSpeed
+    # signalled the model stays exactly what transformers returned until the library hands it to DeepSpeed.
+    _training_hook()(model, record.ep_size, line, deepspeed_signalled=hf_deepspeed.deepspeed_config() is not None)
     where = "under ZeRO-3 took the standard path at: " + (", ".join(record.gates_taken) or "no gate") if record.zero3 \
         else "(ZeRO-3 not signalled)"
     logger.info(f"ep_ds_shim: EP load of {record.model_class} (ep_size={record.ep_size}) {where}")
+
+
+def _training_hook():
+    module, _, name = TRAINING_HOOK.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _upstream_spelling(cls, args, kwargs: dict, requested, line: ReleaseLine) -> dict:

@@ -19,7 +19,7 @@ import copy
 import torch.distributed as dist
 
 from ..patching.targets import Target
-from .state import current_load
+from .context import current_load
 
 TARGET = Target("transformers.distributed.mixin", "initialize_distributed_mesh", "function", params=("distributed_config",))
 NAME = "initialize_distributed_mesh"

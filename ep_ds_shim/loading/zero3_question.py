@@ -3,7 +3,7 @@
 transformers imports the name into several modules separately (`modeling_utils`, `integrations.accelerate`,
 ...), and a function looks it up in *its own* module's namespace. The shim therefore wraps the binding in each
 namespace a gate reads it from (derived from the gate function's `__globals__`), never only where it is
-defined. The wrapper answers False only while a gated call of an EP load runs (`state.hiding_zero3`);
+defined. The wrapper answers False only while a gated call of an EP load runs (`context.hiding_zero3`);
 everywhere else it returns what transformers would.
 """
 
@@ -15,7 +15,7 @@ from transformers.integrations import deepspeed as hf_deepspeed
 
 from ..patching.targets import Target, underlying_function
 from .gates.common import ZERO3_QUESTION
-from .state import hiding_zero3
+from .context import hiding_zero3
 
 
 def answer(wrapped, instance, args, kwargs):

@@ -20,8 +20,6 @@ import wrapt
 
 from ..errors import RestoreError, TargetDriftError
 
-KINDS = ("classmethod", "staticmethod", "function")
-
 # The base class of every wrapt proxy (wrapt 2 names it BaseObjectProxy; in 1.x it is ObjectProxy).
 _WRAPT_PROXY = getattr(wrapt, "BaseObjectProxy", wrapt.ObjectProxy)
 

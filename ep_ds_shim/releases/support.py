@@ -78,7 +78,7 @@ class UpstreamDefect:
 
     Loading (and inference) still works there and stays supported; DeepSpeed training of an EP model is refused
     with this reason, because the shim can make ZeRO-3 correct but cannot make transformers' gradients correct.
-    Kept in step with the matrix (tests/unit/test_support_table.py).
+    Kept in step with the matrix (tests/unit/releases/test_support_table.py).
     """
 
     releases: SpecifierSet

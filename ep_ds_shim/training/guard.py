@@ -17,7 +17,7 @@ Then, as a second line:
 - `check_deepspeed_groups`: ZeRO-3 partitions an expert shard over a group that is not its expert-data-parallel
   group, or a dense weight over a group that is not every rank (local check, no collective).
 - `verify_expert_integrity`: every rank's expert shards still equal what it loaded (a cross-rank check).
-- the first-forward guard (armed by `adoption.make_deepspeed_ready`): runs both before the first forward, and the
+- the first-forward guard (armed by `deepspeed_ready.make_deepspeed_ready`): runs both before the first forward, and the
   first training forward, of a model the library did not hand to DeepSpeed itself; and refuses training forwards
   on releases where EP training is refused.
 """

@@ -27,10 +27,10 @@ from __future__ import annotations
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
-from .adoption import make_deepspeed_ready
 from .checkpoints.trainer_folder import save_trainer_checkpoint
+from .deepspeed_ready import make_deepspeed_ready
 from .export import agree_on_outcome, gather_full_state_dict
-from .groups_scope import supply_deepspeed_groups
+from .launcher_groups import supply_deepspeed_groups
 from .layout import DPxEPLayout
 from .record import record_of
 

@@ -19,7 +19,7 @@ from ..loading.block import ep_zero3_compat
 from ..releases.support import ALLOW_UNVERIFIED_ENV, transformers_version
 from ..testing import oracle, tiny_models, write_report
 from ..training.export import save_pretrained
-from ..training.handover import initialize
+from ..training.deepspeed_handover import initialize
 from ..training.layout import DPxEPLayout
 from . import figures, quiet, report
 from .known import CHECKS

@@ -68,3 +68,29 @@ def test_no_module_is_over_500_lines():
     long = {str(path.relative_to(PACKAGE)): n for path in PACKAGE.rglob("*.py")
             if (n := len(path.read_text().splitlines())) > 500}
     assert not long, long
+
+_SHIM_MODULES_LOADED = r"""
+import importlib, json, sys
+importlib.import_module(sys.argv[1])
+print(json.dumps(sorted(name for name in sys.modules if name.startswith("ep_ds_shim"))))
+"""
+
+
+@pytest.mark.parametrize("module", ["ep_ds_shim.loading", "ep_ds_shim.loading.block", "ep_ds_shim.loading.patches"])
+def test_loading_imports_no_training_module(module):
+    """The loading block depends on patching/, releases/ and the shared modules only: the training side is reached
+    through one hook resolved on the first EP load (`loading.entry.TRAINING_HOOK`)."""
+    proc = subprocess.run([sys.executable, "-c", _SHIM_MODULES_LOADED, module], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert module in loaded
+    if module != "ep_ds_shim.loading":  # the block does load its own wrappers
+        assert {"ep_ds_shim.loading.entry", "ep_ds_shim.patching.plan"} <= set(loaded)
+    assert [name for name in loaded if name.startswith("ep_ds_shim.training")] == []
+
+
+def test_the_training_hook_resolves():
+    from ep_ds_shim.loading import entry
+    from ep_ds_shim.training import deepspeed_ready
+
+    assert entry._training_hook() is deepspeed_ready.adopt_ep_load

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...patching.targets import Target
-from ..state import acting_load, hidden_zero3
+from ..context import acting_load, hidden_zero3
 
 ZERO3_QUESTION = "is_deepspeed_zero3_enabled"
 

@@ -1,5 +1,5 @@
 """The guard on `model.save_pretrained` of a DeepSpeed-ready EP model (set on the instance by
-`adoption.make_deepspeed_ready`)."""
+`deepspeed_ready.make_deepspeed_ready`)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import torch
 import ep_ds_shim
 from ep_ds_shim import patch_registry
 from ep_ds_shim.errors import RestoreError, ScopeError, TargetDriftError, UnsupportedReleaseError
-from ep_ds_shim.loading import state as _state
+from ep_ds_shim.loading import context as _state
 from ep_ds_shim.patch_registry import LOADING_PATCHES
 from ep_ds_shim.patching.scope import Frame
 
@@ -22,7 +22,7 @@ PLAN = patch_registry.loading_plan()
 
 def snapshot():
     """Every attribute the loading block may replace, as stored on its owner (descriptors included)."""
-    return patch_registry.snapshot(PLAN)
+    return {item.target.qualname: vars(item.target.resolve_owner())[item.target.name] for item in PLAN.items}
 
 
 def assert_identical(before):

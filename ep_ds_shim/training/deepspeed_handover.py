@@ -26,7 +26,7 @@ from ..errors import DeepSpeedGroupsError, EpShimError
 from ..releases.lines import refuse_training_if_unsupported
 from ..releases.support import check_deepspeed, transformers_version
 from . import agreement, engine_paths, expert_groups, guard, precision
-from .adoption import make_deepspeed_ready, repoint_optimizer
+from .deepspeed_ready import make_deepspeed_ready, repoint_optimizer
 from .layout import DPxEPLayout
 from .record import EPModelRecord, record_of
 

@@ -24,10 +24,6 @@ class BlockOptions:
 LOADING = ScopeState("ep_zero3_compat")
 
 
-def block_active() -> bool:
-    return LOADING.active()
-
-
 def translating_upstream_spelling() -> bool:
     """Whether the innermost enclosing block translates upstream's EP spellings under ZeRO-3 (else refuses them)."""
     options = LOADING.innermost()

@@ -5,8 +5,10 @@ parameters, partitions every parameter over that group and averages gradients th
 *different* experts, so the experts must be placed in DeepSpeed's own expert groups (`expert_groups.py`), and the
 model must be in a form DeepSpeed accepts (docs/design.md, "Training"). This module does the second part:
 
-- `record_ep_load` (end of every EP load inside the block): which EP group the rank is in, and fingerprints of
-  its expert shards as loaded, so an overwritten shard can be caught later.
+- `adopt_ep_load`: the loading block's one hook into training (`loading.entry.TRAINING_HOOK`), at the end of every
+  EP load inside the block: `record_ep_load`, then `make_deepspeed_ready` when DeepSpeed is signalled.
+- `record_ep_load`: which EP group the rank is in, and fingerprints of its expert shards as loaded, so an
+  overwritten shard can be caught later; the instance guards (`guard.py`) are attached to the model.
 - `make_deepspeed_ready` (when DeepSpeed is signalled at load, or when the library hands the model to DeepSpeed):
   DTensor parameters become plain local Parameters (DeepSpeed can neither swap nor broadcast DTensors; the EP
   forward works the same on local tensors), the release's token dispatch serves each rank's own batch
@@ -32,6 +34,12 @@ try:  # only the 5.17-5.18 EP hook needs it (see `_reduce_expert_outputs`)
     from transformers.distributed.tensor_parallel import _AllReduceForward
 except ImportError:
     _AllReduceForward = None
+
+
+def adopt_ep_load(model, ep_size: int, line, *, deepspeed_signalled: bool) -> None:
+    record_ep_load(model, ep_size, line)
+    if deepspeed_signalled:
+        make_deepspeed_ready(model)
 
 
 def record_ep_load(model, ep_size: int, line) -> EPModelRecord:
