@@ -40,13 +40,7 @@ def agree(topic: str, summary: dict, what: str, *, extra: dict | None = None) ->
     """Exchange `summary` (+ per-rank `extra`, not compared) among all ranks; raise the same error everywhere if
     any field differs."""
     summaries = exchange(topic, {**summary, **(extra or {})}, what=what)
-    differences = []
-    for key in summary:
-        values: dict[str, list[int]] = {}
-        for rank, other in sorted(summaries.items()):
-            values.setdefault(repr(other.get(key)), []).append(rank)
-        if len(values) > 1:
-            differences.append(f"{key}: " + "; ".join(f"ranks {ranks} have {value}" for value, ranks in values.items()))
+    differences = disagreements(summary, summaries)
     if differences:
         raise RankDisagreementError(
             f"rank {dist.get_rank()}: the ranks disagree before {what}:\n  - " + "\n  - ".join(differences)
@@ -54,3 +48,15 @@ def agree(topic: str, summary: dict, what: str, *, extra: dict | None = None) ->
             "library versions); nothing was run with these differences."
         )
     return summaries
+
+
+def disagreements(summary: dict, summaries: dict[int, dict]) -> list[str]:
+    """One line per field of `summary` on which the ranks' `summaries` differ, naming which ranks have what."""
+    differences = []
+    for key in summary:
+        values: dict[str, list[int]] = {}
+        for rank, other in sorted(summaries.items()):
+            values.setdefault(repr(other.get(key)), []).append(rank)
+        if len(values) > 1:
+            differences.append(f"{key}: " + "; ".join(f"ranks {ranks} have {value}" for value, ranks in values.items()))
+    return differences
