@@ -21,7 +21,6 @@ from .support import refusal_for, support_hint, training_defect
 class ReleaseLine:
     """A run of releases the shim handles alike: how they spell an EP request, and what they need on top."""
 
-    name: str
     releases: SpecifierSet
     spelling: EPSpelling
     # A DP x EP load (world > ep) reaches its EP sub-group through the release's own mesh, sized by
@@ -37,20 +36,30 @@ class ReleaseLine:
     # the shim makes them plain local tensors (a load with ZeRO-3 signalled), it must attach that reduction itself.
     expert_output_reduce_needs_dtensors: bool = False
 
+    @property
+    def name(self) -> str:
+        """The minors the line covers, read from `releases` (the one place its range is written): "5.6-5.14",
+        or "5.23+" for a line without an upper bound."""
+        lower = next(Version(spec.version) for spec in self.releases if spec.operator == ">=")
+        upper = [Version(spec.version) for spec in self.releases if spec.operator == "<"]
+        if not upper:
+            return f"{lower.major}.{lower.minor}+"
+        last = upper[0]
+        return f"{lower.major}.{lower.minor}-{last.major}.{last.minor - 1}"
+
 
 RELEASE_LINES = (
     # plain-tensor expert shards; a DP x EP load over device_mesh=mesh["ep"] works upstream, but training is
     # refused on these releases (UPSTREAM_TRAINING_DEFECTS) and the shim has not verified it, so world > ep is
     # refused.
-    ReleaseLine("5.6-5.14", SpecifierSet(">=5.6.0,<5.15"), FlagWithDeviceMesh()),
+    ReleaseLine(SpecifierSet(">=5.6.0,<5.15"), FlagWithDeviceMesh()),
     # DistributedMixin; the flag alone raises TypeError; DTensor experts from 5.16; EP is tensor-parallel-like
     # (`ep_router` + `moe_tp_experts`: every rank of the EP group must hold the same batch), so no DeepSpeed training
-    ReleaseLine("5.15-5.18", SpecifierSet(">=5.15.0,<5.19"), FlagWithTpSize(),
-                expert_output_reduce_needs_dtensors=True),
+    ReleaseLine(SpecifierSet(">=5.15.0,<5.19"), FlagWithTpSize(), expert_output_reduce_needs_dtensors=True),
     # ep_size and a mesh manager; with tp_size=N the flag also empties the TP plan (dense layers stay whole)
-    ReleaseLine("5.20-5.22", SpecifierSet(">=5.20.0,<5.23"), FlagWithTpSize(), legacy_flag_silently_off=True,
+    ReleaseLine(SpecifierSet(">=5.20.0,<5.23"), FlagWithTpSize(), legacy_flag_silently_off=True,
                 token_dispatch=True),
-    ReleaseLine("5.23+", SpecifierSet(">=5.23.0"), EpSizeWithReplicatePlan(), replica_mesh=True,
+    ReleaseLine(SpecifierSet(">=5.23.0"), EpSizeWithReplicatePlan(), replica_mesh=True,
                 legacy_flag_silently_off=True, token_dispatch=True),
 )
 
