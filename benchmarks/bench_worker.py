@@ -33,6 +33,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -108,6 +109,23 @@ def export_phases(engine, args, report: dict, rank: int) -> None:
 
 
 def main() -> None:
+    args = parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if args.allow_unverified:
+        os.environ["EP_DS_SHIM_ALLOW_UNVERIFIED"] = "1"
+
+    import torch.distributed as dist
+
+    from ep_ds_shim.testing import write_report
+
+    job = Job.start(args.checkpoint, args.mode)
+    {"loads": run_loads, "train": run_train, "scale": run_scale, "export": run_export}[args.mode](job, args)
+    write_report(args.report, job.report, rank=job.rank)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["loads", "train", "scale", "export"])
     parser.add_argument("checkpoint")
@@ -120,99 +138,144 @@ def main() -> None:
     parser.add_argument("--shard-fraction", type=int, default=8)
     parser.add_argument("--order", default="stream,previous")
     parser.add_argument("--allow-unverified", action="store_true")
-    args = parser.parse_args()
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if args.allow_unverified:
-        os.environ["EP_DS_SHIM_ALLOW_UNVERIFIED"] = "1"
+    return parser.parse_args()
 
-    import deepspeed
-    import torch
-    import torch.distributed as dist
-    import transformers
-    from transformers import AutoModelForCausalLM
-    from transformers.integrations import HfDeepSpeedConfig
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-    import ep_ds_shim
-    from ep_ds_shim.testing import write_report
+@dataclass
+class Job:
+    """This rank of the job: the process group, the layout, the checkpoint, the EP arguments, and the report."""
 
-    torch.set_num_threads(1)
-    shim_timers.install()
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    layout = ep_ds_shim.DPxEPLayout(world)
-    path = args.checkpoint
-    common.warm_imports(path)
-    kwargs = layout.from_pretrained_kwargs(path)
-    report = {"rank": rank, "world": world, "mode": args.mode, "transformers": transformers.__version__,
-              "deepspeed": deepspeed.__version__, "torch": torch.__version__, "ep_size": layout.ep_size,
-              "dp_size": layout.dp_size, "ep_ds_shim": ep_ds_shim.__version__, "ep_ds_shim_file": ep_ds_shim.__file__}
+    rank: int
+    world: int
+    layout: object
+    path: str
+    kwargs: dict
+    report: dict
 
-    def prewarmed_barrier():
-        common.prewarmed_barrier(report, path, rank, dist.barrier)
+    @classmethod
+    def start(cls, path: str, mode: str) -> "Job":
+        """Timers installed, the process group, the layout, the checkpoint's imports warmed, the report's header."""
+        import deepspeed
+        import torch
+        import torch.distributed as dist
+        import transformers
 
-    def shim_load(with_kwargs=False):
+        import ep_ds_shim
+
+        torch.set_num_threads(1)
+        shim_timers.install()
+        deepspeed.init_distributed(dist_backend="gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        layout = ep_ds_shim.DPxEPLayout(world)
+        common.warm_imports(path)
+        kwargs = layout.from_pretrained_kwargs(path)
+        report = {"rank": rank, "world": world, "mode": mode, "transformers": transformers.__version__,
+                  "deepspeed": deepspeed.__version__, "torch": torch.__version__, "ep_size": layout.ep_size,
+                  "dp_size": layout.dp_size, "ep_ds_shim": ep_ds_shim.__version__,
+                  "ep_ds_shim_file": ep_ds_shim.__file__}
+        return cls(rank, world, layout, path, kwargs, report)
+
+    def prewarmed_barrier(self):
+        import torch.distributed as dist
+
+        common.prewarmed_barrier(self.report, self.path, self.rank, dist.barrier)
+
+    def shim_load(self, with_kwargs=False):
         """What a user runs: the EP arguments for this release (train/scale: timed too), the block, the load."""
-        load_kwargs = layout.from_pretrained_kwargs(path) if with_kwargs else kwargs
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        import ep_ds_shim
+
+        load_kwargs = self.layout.from_pretrained_kwargs(self.path) if with_kwargs else self.kwargs
         block = ep_ds_shim.ep_zero3_compat()
         started = time.perf_counter()
         block.__enter__()
         shim_timers.add("block enter", time.perf_counter() - started)
         try:
-            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **load_kwargs)
+            return AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32, **load_kwargs)
         finally:
             started = time.perf_counter()
             block.__exit__(None, None, None)
             shim_timers.add("block exit", time.perf_counter() - started)
 
-    if args.mode == "loads":
-        loads = []
-        schedule = ("AB" if args.schedule[0] == "A" else "BA") + args.schedule  # warm-ups: one load of each
-        for index, variant in enumerate(schedule):
-            hf = HfDeepSpeedConfig(common.ds_config()) if variant == "B" else None
-            assert is_deepspeed_zero3_enabled() == (variant == "B")
-            entry = {"variant": variant, "warmup": index < 2}
-            model = phase(entry, "load", shim_load if variant == "B" else
-                          lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs),
-                          barrier=prewarmed_barrier)
-            entry["held_mb"] = held_mb(model)
-            del model, hf
-            loads.append(entry)
-        report["loads"] = loads
-    elif args.mode == "train":
-        sequences = args.sequences or common.MICRO
-        config = common.ds_config(micro=common.per_rank_sequences(sequences, world, args.batch))
-        report.update(batch_mode=args.batch, sequences=sequences, ds_config=config)
-        hf = HfDeepSpeedConfig(config)  # noqa: F841 - ZeRO-3 signalled, as a DeepSpeed user has it
-        model = phase(report, "load", lambda: shim_load(True), barrier=prewarmed_barrier)
-        report["held_after_load_mb"] = held_mb(model)
-        optimizer = common.adamw(model.parameters())
-        engine, *_ = phase(report, "initialize", lambda: ep_ds_shim.initialize(
-            model=model, layout=layout, optimizer=optimizer, config=config), barrier=dist.barrier)
-        report["held_after_initialize_mb"] = held_mb(engine.module)
-        report["dp_world_size"] = engine.dp_world_size
-        report["steps"] = common.timed_steps(
-            engine, args.steps, model.config.vocab_size, dist.barrier, rank=rank, sequences=sequences,
-            slice_batch=lambda batch: common.rank_batch(batch, rank, world, args.batch),
-            step_loss=lambda loss: common.mean_over_ranks(loss, world))
-        report["steps"]["timers"] = shim_timers.take()
-        report["zero3"] = common.zero3_state(engine, world)
-    elif args.mode == "scale":
-        hf = HfDeepSpeedConfig(common.ds_config())  # noqa: F841
-        model = phase(report, "load", lambda: shim_load(True), barrier=prewarmed_barrier)
-        report["held_after_load_mb"] = held_mb(model)
-        engine, *_ = phase(report, "initialize", lambda: ep_ds_shim.initialize(
-            model=model, layout=layout, config=common.ds_config()), barrier=dist.barrier)
-        for attempt in range(3):  # a cross-rank check: three calls, the median is reported
-            phase(report, f"verify{attempt}", lambda: ep_ds_shim.verify_expert_integrity(engine), barrier=dist.barrier)
-    else:  # export
-        hf = HfDeepSpeedConfig(common.ds_config())  # noqa: F841
-        model = shim_load(True)
-        engine, *_ = ep_ds_shim.initialize(model=model, layout=layout, config=common.ds_config())
-        export_phases(engine, args, report, rank)
-    write_report(args.report, report, rank=rank)
-    dist.barrier()
-    dist.destroy_process_group()
+
+def run_loads(job: Job, args) -> None:
+    """The load-time ratio: alternating A (EP-only) and B (the shim's path) loads in the --schedule order."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    loads = []
+    schedule = ("AB" if args.schedule[0] == "A" else "BA") + args.schedule  # warm-ups: one load of each
+    for index, variant in enumerate(schedule):
+        hf = HfDeepSpeedConfig(common.ds_config()) if variant == "B" else None
+        assert is_deepspeed_zero3_enabled() == (variant == "B")
+        entry = {"variant": variant, "warmup": index < 2}
+        model = phase(entry, "load", job.shim_load if variant == "B" else
+                      lambda: AutoModelForCausalLM.from_pretrained(job.path, dtype=torch.float32, **job.kwargs),
+                      barrier=job.prewarmed_barrier)
+        entry["held_mb"] = held_mb(model)
+        del model, hf
+        loads.append(entry)
+    job.report["loads"] = loads
+
+
+def run_train(job: Job, args) -> None:
+    """The shim's side of the AutoEP comparison: load, initialize, --steps timed steps, the ZeRO-3 state held."""
+    import torch.distributed as dist
+    from transformers.integrations import HfDeepSpeedConfig
+
+    import ep_ds_shim
+
+    report, rank, world = job.report, job.rank, job.world
+    sequences = args.sequences or common.MICRO
+    config = common.ds_config(micro=common.per_rank_sequences(sequences, world, args.batch))
+    report.update(batch_mode=args.batch, sequences=sequences, ds_config=config)
+    hf = HfDeepSpeedConfig(config)  # noqa: F841 - ZeRO-3 signalled, as a DeepSpeed user has it
+    model = phase(report, "load", lambda: job.shim_load(True), barrier=job.prewarmed_barrier)
+    report["held_after_load_mb"] = held_mb(model)
+    optimizer = common.adamw(model.parameters())
+    engine, *_ = phase(report, "initialize", lambda: ep_ds_shim.initialize(
+        model=model, layout=job.layout, optimizer=optimizer, config=config), barrier=dist.barrier)
+    report["held_after_initialize_mb"] = held_mb(engine.module)
+    report["dp_world_size"] = engine.dp_world_size
+    report["steps"] = common.timed_steps(
+        engine, args.steps, model.config.vocab_size, dist.barrier, rank=rank, sequences=sequences,
+        slice_batch=lambda batch: common.rank_batch(batch, rank, world, args.batch),
+        step_loss=lambda loss: common.mean_over_ranks(loss, world))
+    report["steps"]["timers"] = shim_timers.take()
+    report["zero3"] = common.zero3_state(engine, world)
+
+
+def run_scale(job: Job, args) -> None:
+    """The realistic-size table: load, initialize, three integrity checks."""
+    import torch.distributed as dist
+    from transformers.integrations import HfDeepSpeedConfig
+
+    import ep_ds_shim
+
+    report = job.report
+    hf = HfDeepSpeedConfig(common.ds_config())  # noqa: F841
+    model = phase(report, "load", lambda: job.shim_load(True), barrier=job.prewarmed_barrier)
+    report["held_after_load_mb"] = held_mb(model)
+    engine, *_ = phase(report, "initialize", lambda: ep_ds_shim.initialize(
+        model=model, layout=job.layout, config=common.ds_config()), barrier=dist.barrier)
+    for attempt in range(3):  # a cross-rank check: three calls, the median is reported
+        phase(report, f"verify{attempt}", lambda: ep_ds_shim.verify_expert_integrity(engine), barrier=dist.barrier)
+
+
+def run_export(job: Job, args) -> None:
+    """The export comparison: load and initialize (not measured), then the stream and previous exports."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    import ep_ds_shim
+
+    hf = HfDeepSpeedConfig(common.ds_config())  # noqa: F841
+    model = job.shim_load(True)
+    engine, *_ = ep_ds_shim.initialize(model=model, layout=job.layout, config=common.ds_config())
+    export_phases(engine, args, job.report, job.rank)
 
 
 if __name__ == "__main__":
