@@ -69,6 +69,7 @@ def test_no_module_is_over_500_lines():
             if (n := len(path.read_text().splitlines())) > 500}
     assert not long, long
 
+
 _SHIM_MODULES_LOADED = r"""
 import importlib, json, sys
 importlib.import_module(sys.argv[1])
