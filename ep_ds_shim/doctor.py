@@ -169,7 +169,7 @@ def _shape_checks(report: dict, version: str, problem) -> None:
     from .errors import UnsupportedReleaseError
     from .loading import patches  # imports transformers: only once the doctor knows it imports
     from .loading.context import LOADING
-    from .patching.plan import make_plan
+    from .patching.installer import make_plan
     from .releases.lines import release_line_for
 
     try:

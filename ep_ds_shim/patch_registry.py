@@ -5,14 +5,14 @@ docs (nothing installs from here).
   question in every namespace a gate reads it from, the DP x EP mesh sizing);
 - `supply_deepspeed_groups`: `ep_ds_shim.training.launcher_groups` (`deepspeed.initialize`).
 
-How a table becomes installed patches (plan, policy, all or nothing) is `ep_ds_shim.patching.plan`.
+How a table becomes installed patches (plan, policy, all or nothing) is `ep_ds_shim.patching.installer`.
 """
 
 from __future__ import annotations
 
 from .loading.patches import GATES, LOADING_PATCHES, loading_plan
 from .loading.patches import POINTS as LOADING_POINTS
-from .patching.plan import PatchPoint
+from .patching.installer import PatchPoint
 from .training.launcher_groups import GROUPS_PATCHES
 from .training.launcher_groups import POINTS as GROUPS_POINTS
 

@@ -3,7 +3,7 @@
 The `from_pretrained` entry, the six ZeRO-3 gates, the ZeRO-3 question in every namespace a gate reads it from,
 and the DP x EP mesh sizing. Installing, restoring, the shape checks, the doctor and the tests all read `POINTS`,
 so a new loading target is one entry here (plus the module that says what its wrapper does and why). How a table
-becomes installed patches (plan, policy, all or nothing) is `ep_ds_shim.patching.plan`; this module adds what only
+becomes installed patches (plan, policy, all or nothing) is `ep_ds_shim.patching.installer`; this module adds what only
 the loading side knows: the release check before the plan, and what to pin.
 """
 
@@ -15,7 +15,7 @@ from packaging.version import Version
 
 from ..errors import UnsupportedReleaseError
 from ..log import logger
-from ..patching.plan import Plan, PatchPoint, drift_error, half_fixed_error, install_plan, make_plan
+from ..patching.installer import Plan, PatchPoint, drift_error, half_fixed_error, install_plan, make_plan
 from ..patching.scope import PatchSet
 from ..patching.targets import Patch
 from ..releases.lines import release_line_for

@@ -17,7 +17,7 @@ import inspect
 
 from ..errors import TargetDriftError
 from ..log import logger
-from ..patching.plan import PatchPoint, install_plan, make_plan
+from ..patching.installer import PatchPoint, install_plan, make_plan
 from ..patching.scope import Block, PatchSet, ScopeState
 from ..patching.targets import Patch, Target
 from . import deepspeed_handover

@@ -86,7 +86,7 @@ def test_loading_imports_no_training_module(module):
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
     assert module in loaded
     if module != "ep_ds_shim.loading":  # the block does load its own wrappers
-        assert {"ep_ds_shim.loading.entry", "ep_ds_shim.patching.plan"} <= set(loaded)
+        assert {"ep_ds_shim.loading.entry", "ep_ds_shim.patching.installer"} <= set(loaded)
     assert [name for name in loaded if name.startswith("ep_ds_shim.training")] == []
 
 

@@ -14,7 +14,7 @@ import types
 import pytest
 
 from ep_ds_shim.errors import RestoreError, ScopeError, TargetDriftError
-from ep_ds_shim.patching.plan import PatchPoint, drift_error, half_fixed_error, install_plan, make_plan
+from ep_ds_shim.patching.installer import PatchPoint, drift_error, half_fixed_error, install_plan, make_plan
 from ep_ds_shim.patching.scope import Block, PatchSet, ScopeState
 from ep_ds_shim.patching.targets import Target
 
