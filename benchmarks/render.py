@@ -815,9 +815,9 @@ HEADINGS = {
     "compare": "### 1. ep-ds-shim vs DeepSpeed AutoEP (same checkpoint, ranks, batches)",
     "shard": "### 1b. ZeRO-3 sharding under EP: this checkout vs ep-ds-shim 0.2.0 vs AutoEP, batch split",
     "growth": "### 2-3. Realistic size and cost growth",
-    "export": EXPORT_HEADING,
     "profile": "### Profile (where the shim's own time goes)",
     "ratio": "### 4. The shim's load vs the EP-only load",
+    "export": EXPORT_HEADING,
     "resume": "### 6. Checkpoints: save, and resume in another layout",
     "overhead": "### Block overhead (in process)",
 }
@@ -850,65 +850,74 @@ def previous_blocks(text: str) -> dict[str, list[str]]:
     return blocks
 
 
+def _overhead_lines(o: dict) -> list[str]:
+    return ["| measure | value | target |", "|---|---|---|",
+            f"| first enter+exit (shape checks, installs the wrappers) | {o['enter_exit_install_us']:.0f} us | < 1 ms |",
+            f"| enter+exit while installed | {o['enter_exit_installed_us']:.2f} us | < 1 ms |",
+            f"| wrapped function called outside the block | {o['wrapped_call_outside_block_ns']:.0f} ns "
+            f"(unwrapped {o['unwrapped_call_ns']:.0f} ns) | < 1 us extra |", ""]
+
+
+def _resume_lines(section: dict) -> list[str]:
+    from render_resume import resume_lines
+
+    return resume_lines(section)
+
+
+def _shard_section(section: dict) -> tuple[list[str], dict]:
+    body, verdicts = shard_tables(section)
+    return body + step_profile_lines(section), verdicts
+
+
+def _growth_section(section: dict) -> tuple[list[str], dict]:
+    body, verdicts, _ = growth_tables(section)
+    return body, verdicts
+
+
+def _without_targets(render):
+    return lambda section: (render(section), {})
+
+
+# Each section's table(s) and target verdicts, from its raw results.
+RENDERERS = {
+    "compare": compare_tables,
+    "shard": _shard_section,
+    "growth": _growth_section,
+    "profile": _without_targets(profile_lines),
+    "ratio": ratio_table,
+    "export": export_tables,
+    "resume": _without_targets(_resume_lines),
+    "overhead": _without_targets(_overhead_lines),
+}
+
+
 def markdown(results: dict, previous: str = "") -> str:
     """results.md: the sections this run measured, and each one it left out as the previous file had it (under
-    the line that says which run measured it), so a partial run never drops a table."""
+    the line that says which run measured it), so a partial run never drops a table. Sections in HEADINGS order."""
     sections = results.get("sections", {})
     lines = [measured_by(results), ""]
     carried = {key: block for key, block in previous_blocks(previous).items() if key not in sections}
     if carried:
-        lines += [f"Sections not run by this command ({', '.join(carried)}) are as the previous results had them, "
-                  "each under the line that says which run measured it.", ""]
-    verdicts = {}
-    if "compare" in sections:
-        lines += [HEADINGS["compare"], "", measured_by(results), ""]
-        body, v = compare_tables(sections["compare"])
-        lines += body
-        verdicts.update(v)
-    if "shard" in sections:
-        lines += [HEADINGS["shard"], "", measured_by(results), ""]
-        body, v = shard_tables(sections["shard"])
-        lines += body + step_profile_lines(sections["shard"])
-        verdicts.update(v)
-    growth_metrics_ = []
-    if "growth" in sections:
-        lines += [HEADINGS["growth"], "", measured_by(results), ""]
-        body, v, growth_metrics_ = growth_tables(sections["growth"])
-        lines += body
-        verdicts.update(v)
-    if "export" in sections:
-        lines += [HEADINGS["export"], "", measured_by(results), ""]
-        body, v = export_tables(sections["export"])
-        lines += body
-        verdicts.update(v)
-    if "resume" in sections:
-        from render_resume import resume_lines
-
-        lines += [HEADINGS["resume"], "", measured_by(results), ""]
-        lines += resume_lines(sections["resume"])
-    if "profile" in sections:
-        lines += [HEADINGS["profile"], "", measured_by(results), ""]
-        lines += profile_lines(sections["profile"])
-    if "ratio" in sections:
-        lines += [HEADINGS["ratio"], "", measured_by(results), ""]
-        body, v = ratio_table(sections["ratio"])
-        lines += body
-        verdicts.update(v)
-    if "overhead" in sections:
-        o = sections["overhead"]
-        lines += [HEADINGS["overhead"], "", measured_by(results), "", "| measure | value | target |", "|---|---|---|",
-                  f"| first enter+exit (shape checks, installs the wrappers) | {o['enter_exit_install_us']:.0f} us | < 1 ms |",
-                  f"| enter+exit while installed | {o['enter_exit_installed_us']:.2f} us | < 1 ms |",
-                  f"| wrapped function called outside the block | {o['wrapped_call_outside_block_ns']:.0f} ns "
-                  f"(unwrapped {o['unwrapped_call_ns']:.0f} ns) | < 1 us extra |", ""]
-    for key, block in carried.items():
-        lines += [*block, ""] if block[-1].strip() else block
-    if verdicts:
-        lines += ["### Targets", "", "| target | measured | verdict |", "|---|---|---|"]
-        for name, v in verdicts.items():
-            value = v["value"]
-            shown = f"{value['median']:.1%}" if "integrity" in name else fmt(value)
-            word = v.get("verdict") or ("met" if v["met"] else "missed")
-            lines.append(f"| {name}: {v['target']} | {shown} | **{word}** |")
-        lines.append("")
+        lines += [f"Sections not run by this command ({', '.join(k for k in HEADINGS if k in carried)}) are as the "
+                  "previous results had them, each under the line that says which run measured it.", ""]
+    for key, heading in HEADINGS.items():
+        if key in sections:
+            body, verdicts = RENDERERS[key](sections[key])
+            lines += [heading, "", measured_by(results), "", *body, *target_lines(verdicts)]
+        elif key in carried:
+            block = carried[key]
+            lines += [*block, ""] if block[-1].strip() else block
     return "\n".join(lines)
+
+
+def target_lines(verdicts: dict) -> list[str]:
+    """A section's targets, at its end (so they travel with it when a later partial run carries it over)."""
+    if not verdicts:
+        return []
+    lines = ["Targets:", "", "| target | measured | verdict |", "|---|---|---|"]
+    for name, v in verdicts.items():
+        value = v["value"]
+        shown = f"{value['median']:.1%}" if "integrity" in name else fmt(value)
+        word = v.get("verdict") or ("met" if v["met"] else "missed")
+        lines.append(f"| {name}: {v['target']} | {shown} | **{word}** |")
+    return lines + [""]

@@ -211,3 +211,4 @@ def test_a_partial_run_carries_the_sections_it_left_out_under_their_own_command(
     # and a later partial run keeps both, each under its own line
     again = render.markdown(_overhead_results("./run.sh bench --sections overhead", 99.0), previous=text)
     assert again.count(render.HEADINGS["growth"]) == 1 and "| growth table |" in again and "99 us" in again
+    assert again.index(render.HEADINGS["growth"]) < again.index(render.HEADINGS["overhead"])  # the sections' order
