@@ -190,6 +190,18 @@ def suite_failures(row: dict) -> list[str]:
 REFUSALS = ("UnsupportedReleaseError", "EPRequestError")
 
 
+# A failing column explained by an earlier one says so, in this order: (the earlier column, its cell, the columns
+# whose failure it explains).
+CONSEQUENCES = (
+    # the shim refused the EP + ZeRO-3 load (e.g. a family whose EP plan splits dense weights): what needs it is refused
+    ("load_equals_ep_only", table.REFUSED, ("zero3_step", "export_reload")),
+    # a shim column that fails only because EP itself is broken upstream says so
+    ("gradients", table.FAILS_UPSTREAM, ("zero3_step",)),
+    # EP itself loads wrong weights: nothing after it can match
+    ("forward", table.FAILS_UPSTREAM, ("load_equals_ep_only", "export_reload")),
+)
+
+
 def cells(per_rank: list[dict], *, crashed: bool) -> dict[str, str]:
     out = {}
     for column in COLUMNS:
@@ -207,18 +219,11 @@ def cells(per_rank: list[dict], *, crashed: bool) -> dict[str, str]:
     # The release itself is refused: every column says so (the reason is in the notes).
     if out.get("shape_checks") == table.REFUSED:
         return {column: table.REFUSED for column in COLUMNS}
-    # The shim refused the EP + ZeRO-3 load (e.g. a family whose EP plan splits dense weights): what needs it is refused
-    if out.get("load_equals_ep_only") == table.REFUSED:
-        for column in ("zero3_step", "export_reload"):
-            if out.get(column) == table.FAIL:
-                out[column] = table.REFUSED
-    # A shim column that fails only because EP itself is broken upstream says so.
-    if out.get("gradients") == table.FAILS_UPSTREAM and out.get("zero3_step") == table.FAIL:
-        out["zero3_step"] = table.FAILS_UPSTREAM
-    if out.get("forward") == table.FAILS_UPSTREAM:  # EP itself loads wrong weights: nothing after it can match
-        for column in ("load_equals_ep_only", "export_reload"):
-            if out.get(column) == table.FAIL:
-                out[column] = table.FAILS_UPSTREAM
+    for cause, cell, explained in CONSEQUENCES:
+        if out.get(cause) == cell:
+            for column in explained:
+                if out.get(column) == table.FAIL:
+                    out[column] = cell
     return out
 
 
