@@ -128,7 +128,9 @@ def diagnose() -> dict:
 
 def _requirements(report: dict, problem) -> None:
     """transformers' own requirements: an import does not show them unmet (transformers 5.25 without kernels>=0.19.1
-    imports, then fails every from_pretrained unless USE_HUB_KERNELS switches hub kernels off)."""
+    imports, then fails every from_pretrained unless USE_HUB_KERNELS switches hub kernels off); and the integrations
+    it imports whenever installed, outside the range it declares for them (5.6 beside kernels 0.19.1 fails every
+    import of a model class)."""
     report["requirements_unmet"] = []
     for unmet in requirements.unmet_requirements("transformers"):
         switch = unmet.switch
@@ -138,6 +140,11 @@ def _requirements(report: dict, problem) -> None:
         })
         if not unmet.switched_off:
             problem(unmet.describe(), unmet.advice())
+    report["integrations_out_of_range"] = []
+    for stale in requirements.integrations_out_of_range("transformers"):
+        report["integrations_out_of_range"].append({
+            "installed": f"{stale.requirement.name} {stale.found}", "declared": str(stale.requirement)})
+        problem(stale.describe(), stale.advice())
     report["unmeasured"] = requirements.features_on("transformers")
 
 
@@ -221,12 +228,14 @@ def print_human(report: dict) -> None:
     broken = {name: status for name, status in report["imports"].items() if status != "ok"}
     unmet = report.get("requirements_unmet", [])
     imports = "; ".join(f"{k}: {v}" for k, v in broken.items()) if broken else "all import"
-    out("  imports: " + (imports if broken or unmet else "all ok") + "\n")
+    out("  imports: " + (imports if broken or unmet or report.get("integrations_out_of_range") else "all ok") + "\n")
     for item in unmet:
         found = f"{item['found']} installed" if item["found"] else "not installed"
         state = (f"; {item['switch']} is set, so transformers runs without it" if item["switched_off"] else
                  f"; NOT switched off ({item['switch']} would)" if item["switch"] else "")
         out(f"  transformers requirement UNMET: {item['requirement']} ({found}){state}\n")
+    for item in report.get("integrations_out_of_range", []):
+        out(f"  transformers integration OUT OF RANGE: {item['installed']} (declared: {item['declared']})\n")
     out(f"  verified: transformers {report['verified_transformers']}, deepspeed {report['verified_deepspeed']}\n")
     if "transformers_supported" in report:
         out(f"  transformers release verified: {'yes' if report['transformers_supported'] else 'NO'}\n")

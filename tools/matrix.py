@@ -82,10 +82,11 @@ def pip_install(spec: str, *, build: bool = False, deps: bool = False) -> None:
         raise SystemExit(f"pip install {spec} failed:\n{result.stdout}\n{result.stderr}")
 
 
-def installed(distribution: str) -> str:
-    out = subprocess.run([sys.executable, "-c", f"import importlib.metadata as m; print(m.version('{distribution}'))"],
-                         capture_output=True, text=True, check=True)
-    return out.stdout.strip()
+def installed(distribution: str) -> str | None:
+    """Its version in the row's environment (a fresh interpreter: pip just changed it), None when not installed."""
+    out = subprocess.run([sys.executable, "-c", "import importlib.metadata as m, sys\ntry: print(m.version(sys.argv[1]))\n"
+                          "except m.PackageNotFoundError: pass", distribution], capture_output=True, text=True, check=True)
+    return out.stdout.strip() or None
 
 
 def python(code: str, env: dict | None = None) -> str:
@@ -135,6 +136,8 @@ def run_row(release: str, *, wrapt_version: str | None, deepspeed_version: str |
     if accelerate_version:
         pip_install(f"accelerate=={accelerate_version}")
     versions = {name: installed(name) for name in ("transformers", "wrapt", "deepspeed", "torch", "accelerate")}
+    if installed("kernels"):  # transformers uses hub kernels whenever kernels is installed (5.25: on by default)
+        versions["kernels"] = installed("kernels")
     # transformers' own requirements this index could not satisfy: the row runs with the switch transformers has for
     # each (e.g. USE_HUB_KERNELS=0), and its notes say what that leaves unmeasured
     unmet = requirements.unmet_requirements("transformers")

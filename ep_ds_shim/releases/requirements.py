@@ -11,6 +11,7 @@ exists (docs/support-matrix.md says what that leaves unmeasured).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from importlib import metadata
 
@@ -43,9 +44,10 @@ SWITCHES = {
         "USE_HUB_KERNELS", "0", default_on=True,
         without_it="every from_pretrained ends in `ValueError: Kernels are not available` (hub kernels are on by "
                    "default)",
-        when_on="hub kernels are on: transformers kernelizes every model it loads and again on train(); not "
-                "measured by ep-ds-shim (its matrix runs with USE_HUB_KERNELS=0: no kernels>=0.19.1 on its package "
-                "index); nothing is refused for it",
+        when_on="hub kernels are on: transformers kernelizes every model it loads and again on train(); ep-ds-shim "
+                "measured this on CPU (kernels 0.19.1: no hub kernel for the CPU, every result equal to the "
+                "single-process oracle), not on GPUs, where `python -m ep_ds_shim verify` checks it; nothing is "
+                "refused for it",
     ),
 }
 
@@ -58,10 +60,13 @@ class Unmet:
     distribution_version: str
     requirement: Requirement
     found: str | None  # the installed version, None when not installed
+    # set for an integration installed outside the range of `distribution`'s extra of this name (see
+    # `integrations_out_of_range`): installed, so it is imported, but not a requirement, so no switch applies
+    extra: str | None = None
 
     @property
     def switch(self) -> Switch | None:
-        return SWITCHES.get(self.requirement.name.lower())
+        return None if self.extra else SWITCHES.get(self.requirement.name.lower())
 
     @property
     def switched_off(self) -> bool:
@@ -69,12 +74,18 @@ class Unmet:
         return self.switch is not None and self.switch.is_off()
 
     def describe(self) -> str:
+        if self.extra:
+            return (f"{self.requirement.name} {self.found} is installed, outside the range {self.distribution} "
+                    f"{self.distribution_version} declares for it (its `{self.extra}` extra: {self.requirement}); "
+                    f"{self.distribution} imports {self.requirement.name} whenever it is installed")
         found = "not installed" if self.found is None else f"{self.requirement.name} {self.found} is installed"
         return (f"{self.distribution} {self.distribution_version} requires {self.requirement} ({found})"
                 + (f": {self.switch.without_it}" if self.switch and not self.switched_off else ""))
 
     def advice(self) -> str:
         todo = f"pip install '{self.requirement}'"
+        if self.extra:  # either way out: the release then imports a version it declares, or none
+            return f"pip uninstall -y {self.requirement.name}, or {todo}"
         if self.switch is None:
             return todo
         return (f"{todo}; where the package index has no such release, set {self.switch.variable}="
@@ -123,6 +134,38 @@ def unmet_requirements(distribution: str = "transformers") -> list[Unmet]:
     own_version, requirements = found
     return [Unmet(distribution, own_version, requirement, _installed(requirement.name))
             for requirement in requirements if not _satisfies(_installed(requirement.name), requirement)]
+
+
+def integrations_out_of_range(distribution: str = "transformers") -> list[Unmet]:
+    """Packages installed beside `distribution` outside the range of its extra named after them (transformers 5.6.2's
+    `kernels` extra asks for kernels<0.13,>=0.12.0). transformers imports such an integration whenever it is
+    installed, so that range matters without the extra. Measured: kernels 0.19.1 (what 5.25 requires) beside
+    transformers 5.6.2 ends every import of a model class in `ValueError: Either a revision or a version must be
+    specified`, whatever USE_HUB_KERNELS says; found when one environment went from 5.25 back to 5.6."""
+    applicable = _applicable(distribution)
+    if applicable is None:
+        return []
+    own_version, own_requirements = applicable
+    required = {_normalised(r.name) for r in own_requirements}  # unmet_requirements reports those
+    found: dict[str, Unmet] = {}
+    for text in metadata.requires(distribution) or []:
+        try:
+            requirement = Requirement(text)
+        except InvalidRequirement:
+            continue
+        name = _normalised(requirement.name)
+        own_extra = requirement.marker is not None and requirement.marker.evaluate({"extra": name})
+        if name in required or not own_extra:
+            continue
+        installed = _installed(requirement.name)
+        if installed is not None and not _satisfies(installed, requirement):
+            bare = Requirement(f"{requirement.name}{requirement.specifier}")  # without the extra's marker
+            found.setdefault(name, Unmet(distribution, own_version, bare, installed, extra=name))
+    return list(found.values())
+
+
+def _normalised(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def features_on(distribution: str = "transformers") -> list[str]:
