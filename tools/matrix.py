@@ -440,7 +440,7 @@ def markdown(matrix: dict) -> str:
     ]
     for name in sorted(matrix["rows"], key=_version_key):
         row = matrix["rows"][name]
-        for model, cells_ in row["models"].items():
+        for model, cells_ in sorted(row["models"].items()):  # the same order whichever run wrote the row
             lines.append(f"| {name} | {model} | " + " | ".join(cells_.get(c, "not run") for c in COLUMNS) + " |")
     lines += ["", "## Notes", ""]
     for name in sorted(matrix["rows"], key=_version_key):

@@ -91,12 +91,14 @@ def main(argv=None) -> int:
 
     ref_losses = None
     if not args.no_reference:
-        ref_file = os.path.join(tempfile.gettempdir(), f"ep_ds_shim_trainer_ref_{os.getpid()}_{os.environ.get('RANK')}.json")
         env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--reference-only", "--model-dir", path,
-                        "--json", ref_file, *(["--ep-size", str(args.ep_size)] if args.ep_size else [])],
-                       env={**env, "WORLD_SIZE_FOR_REFERENCE": str(world)}, check=True)
-        ref_losses = json.load(open(ref_file))
+        with tempfile.TemporaryDirectory() as scratch:  # each rank's own reference run; nothing left behind
+            ref_file = os.path.join(scratch, "reference.json")
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--reference-only", "--model-dir", path,
+                            "--json", ref_file, *(["--ep-size", str(args.ep_size)] if args.ep_size else [])],
+                           env={**env, "WORLD_SIZE_FOR_REFERENCE": str(world)}, check=True)
+            with open(ref_file) as handle:
+                ref_losses = json.load(handle)
 
     import deepspeed
     import torch.distributed as dist
