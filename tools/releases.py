@@ -11,8 +11,8 @@
 kernels>=0.19.1, an index may top out below), transformers without them, then each requirement that can be had;
 what stays unmet is named, and is fatal unless transformers runs without it behind a switch
 (ep_ds_shim/releases/requirements.py; e.g. USE_HUB_KERNELS=0, which `env` prints for run.sh and the matrix applies).
-An integration left outside the range this release declares for it (kernels 0.19.1 from 5.25, then 5.6) is removed,
-as a fresh install of the release would not have it.
+An integration the replaced release required and this one declares another range for (kernels 0.19.1 from 5.25,
+then 5.6) is removed, as a fresh install of the release would not have it.
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ def install(release: str) -> int:
     from ep_ds_shim.releases import requirements
 
     spec = f"transformers=={release}"
+    before = requirements.applicable_requirements("transformers")  # what the release being replaced required
+    brought_in = {r.name.lower() for r in before[1]} if before else set()
     whole = _pip(spec)
     if whole.returncode:
         print(f"== {spec} with all its requirements cannot be installed from this package index; installing it "
@@ -63,10 +65,13 @@ def install(release: str) -> int:
         for unmet in requirements.unmet_requirements("transformers"):
             _pip(str(unmet.requirement))  # one at a time: the ones the index has go in
     importlib.invalidate_caches()
-    # an integration another release brought in (kernels 0.19.1 for 5.25) stays behind when this environment moves to
-    # a release that declares another range for it, and transformers imports it anyway: 5.6 then fails every model
-    # import. A fresh install of this release has none of it, so the environment should not either.
+    # an integration the replaced release required (kernels 0.19.1 for 5.25) stays behind when this environment moves
+    # to a release that only declares another range for it in an extra, and transformers imports it anyway: 5.6 then
+    # fails every model import. A fresh install of this release has none of it, so the environment should not either.
+    # (Only what the replaced release brought in: an integration installed for its own sake, torch say, is not ours.)
     for stale in requirements.integrations_out_of_range("transformers"):
+        if stale.requirement.name.lower() not in brought_in:
+            continue
         subprocess.run([sys.executable, "-m", "pip", "uninstall", "-q", "-y", stale.requirement.name], check=True)
         print(f"== removed {stale.requirement.name} {stale.found}: {stale.describe()}", file=sys.stderr)
     importlib.invalidate_caches()

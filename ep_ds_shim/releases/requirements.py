@@ -93,7 +93,7 @@ class Unmet:
                 "ep-ds-shim verified this release: `python -m ep_ds_shim doctor` shows its matrix row)")
 
 
-def _applicable(distribution: str) -> tuple[str, list[Requirement]] | None:
+def applicable_requirements(distribution: str) -> tuple[str, list[Requirement]] | None:
     """The installed `distribution`'s version and its requirements that apply here: unconditional ones, and those
     whose markers hold (no extras). None when it is not installed (the doctor reports that itself)."""
     try:
@@ -128,7 +128,7 @@ def _satisfies(version: str | None, requirement: Requirement) -> bool:
 
 def unmet_requirements(distribution: str = "transformers") -> list[Unmet]:
     """The requirements of the installed `distribution` that apply here and that the environment does not satisfy."""
-    found = _applicable(distribution)
+    found = applicable_requirements(distribution)
     if found is None:
         return []
     own_version, requirements = found
@@ -142,7 +142,7 @@ def integrations_out_of_range(distribution: str = "transformers") -> list[Unmet]
     installed, so that range matters without the extra. Measured: kernels 0.19.1 (what 5.25 requires) beside
     transformers 5.6.2 ends every import of a model class in `ValueError: Either a revision or a version must be
     specified`, whatever USE_HUB_KERNELS says; found when one environment went from 5.25 back to 5.6."""
-    applicable = _applicable(distribution)
+    applicable = applicable_requirements(distribution)
     if applicable is None:
         return []
     own_version, own_requirements = applicable
@@ -170,7 +170,7 @@ def _normalised(name: str) -> str:
 
 def features_on(distribution: str = "transformers") -> list[str]:
     """What ep-ds-shim measured (or did not) for each switched feature that is usable and on right now."""
-    found = _applicable(distribution)
+    found = applicable_requirements(distribution)
     if found is None:
         return []
     return [SWITCHES[r.name.lower()].when_on for r in found[1]

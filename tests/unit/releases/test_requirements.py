@@ -104,7 +104,7 @@ def kernels_unmet(tmp_path_factory) -> dict:
     """Environment changes under which the installed transformers' kernels requirement is unmet: none where it is
     unmet already; else a kernels release below the requirement, from the package index, first on the path
     (PYTHONPATH: both the import and importlib.metadata read it), as on an index that tops out below it."""
-    required = [r for r in requirements._applicable("transformers")[1] if r.name == "kernels"]
+    required = [r for r in requirements.applicable_requirements("transformers")[1] if r.name == "kernels"]
     if not required:
         pytest.skip("the installed transformers does not require kernels")
     if any(u.requirement.name == "kernels" for u in requirements.unmet_requirements()):
