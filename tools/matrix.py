@@ -136,8 +136,9 @@ def run_row(release: str, *, wrapt_version: str | None, deepspeed_version: str |
     if accelerate_version:
         pip_install(f"accelerate=={accelerate_version}")
     versions = {name: installed(name) for name in ("transformers", "wrapt", "deepspeed", "torch", "accelerate")}
-    if installed("kernels"):  # transformers uses hub kernels whenever kernels is installed (5.25: on by default)
-        versions["kernels"] = installed("kernels")
+    kernels = installed("kernels")
+    if kernels:  # transformers uses hub kernels whenever kernels is installed (5.25: on by default)
+        versions["kernels"] = kernels
     # transformers' own requirements this index could not satisfy: the row runs with the switch transformers has for
     # each (e.g. USE_HUB_KERNELS=0), and its notes say what that leaves unmeasured
     unmet = requirements.unmet_requirements("transformers")

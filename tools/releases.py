@@ -49,11 +49,13 @@ def install(release: str) -> int:
     """Install transformers==`release` here (see the module docstring). Exit status 1 when something it needs
     stays unmet without a switch."""
     sys.path.insert(0, str(REPO))  # the package's requirement reader, also before ep-ds-shim is installed
+    from packaging.utils import canonicalize_name
+
     from ep_ds_shim.releases import requirements
 
     spec = f"transformers=={release}"
     before = requirements.applicable_requirements("transformers")  # what the release being replaced required
-    brought_in = {r.name.lower() for r in before[1]} if before else set()
+    brought_in = {canonicalize_name(r.name) for r in before[1]} if before else set()
     whole = _pip(spec)
     if whole.returncode:
         print(f"== {spec} with all its requirements cannot be installed from this package index; installing it "
@@ -70,7 +72,7 @@ def install(release: str) -> int:
     # fails every model import. A fresh install of this release has none of it, so the environment should not either.
     # (Only what the replaced release brought in: an integration installed for its own sake, torch say, is not ours.)
     for stale in requirements.integrations_out_of_range("transformers"):
-        if stale.requirement.name.lower() not in brought_in:
+        if stale.extra not in brought_in:  # `extra` is the integration's canonical name
             continue
         subprocess.run([sys.executable, "-m", "pip", "uninstall", "-q", "-y", stale.requirement.name], check=True)
         print(f"== removed {stale.requirement.name} {stale.found}: {stale.describe()}", file=sys.stderr)

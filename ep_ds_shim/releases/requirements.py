@@ -11,11 +11,11 @@ exists (docs/support-matrix.md says what that leaves unmeasured).
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from importlib import metadata
 
 from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 
@@ -93,23 +93,36 @@ class Unmet:
                 "ep-ds-shim verified this release: `python -m ep_ds_shim doctor` shows its matrix row)")
 
 
+def _declared(distribution: str) -> tuple[str, list[Requirement]] | None:
+    """The installed `distribution`'s version and every requirement its metadata declares, extras included. None when
+    it is not installed (the doctor reports that itself)."""
+    try:
+        own_version = metadata.version(distribution)
+        texts = metadata.requires(distribution) or []
+    except metadata.PackageNotFoundError:
+        return None
+    declared = []
+    for text in texts:
+        try:
+            declared.append(Requirement(text))
+        except InvalidRequirement:
+            continue  # not ours to judge; pip would have refused it
+    return own_version, declared
+
+
+def _applies_here(requirement: Requirement) -> bool:
+    """Unconditional, or its marker holds here without any extra."""
+    return requirement.marker is None or requirement.marker.evaluate({"extra": ""})
+
+
 def applicable_requirements(distribution: str) -> tuple[str, list[Requirement]] | None:
     """The installed `distribution`'s version and its requirements that apply here: unconditional ones, and those
     whose markers hold (no extras). None when it is not installed (the doctor reports that itself)."""
-    try:
-        own_version = metadata.version(distribution)
-        declared = metadata.requires(distribution) or []
-    except metadata.PackageNotFoundError:
+    found = _declared(distribution)
+    if found is None:
         return None
-    applicable = []
-    for text in declared:
-        try:
-            requirement = Requirement(text)
-        except InvalidRequirement:
-            continue  # not ours to judge; pip would have refused it
-        if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
-            applicable.append(requirement)
-    return own_version, applicable
+    own_version, declared = found
+    return own_version, [r for r in declared if _applies_here(r)]
 
 
 def _installed(name: str) -> str | None:
@@ -142,30 +155,22 @@ def integrations_out_of_range(distribution: str = "transformers") -> list[Unmet]
     installed, so that range matters without the extra. Measured: kernels 0.19.1 (what 5.25 requires) beside
     transformers 5.6.2 ends every import of a model class in `ValueError: Either a revision or a version must be
     specified`, whatever USE_HUB_KERNELS says; found when one environment went from 5.25 back to 5.6."""
-    applicable = applicable_requirements(distribution)
-    if applicable is None:
+    found = _declared(distribution)
+    if found is None:
         return []
-    own_version, own_requirements = applicable
-    required = {_normalised(r.name) for r in own_requirements}  # unmet_requirements reports those
-    found: dict[str, Unmet] = {}
-    for text in metadata.requires(distribution) or []:
-        try:
-            requirement = Requirement(text)
-        except InvalidRequirement:
-            continue
-        name = _normalised(requirement.name)
+    own_version, declared = found
+    required = {canonicalize_name(r.name) for r in declared if _applies_here(r)}  # unmet_requirements reports those
+    stale: dict[str, Unmet] = {}
+    for requirement in declared:
+        name = canonicalize_name(requirement.name)
         own_extra = requirement.marker is not None and requirement.marker.evaluate({"extra": name})
         if name in required or not own_extra:
             continue
         installed = _installed(requirement.name)
         if installed is not None and not _satisfies(installed, requirement):
             bare = Requirement(f"{requirement.name}{requirement.specifier}")  # without the extra's marker
-            found.setdefault(name, Unmet(distribution, own_version, bare, installed, extra=name))
-    return list(found.values())
-
-
-def _normalised(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+            stale.setdefault(name, Unmet(distribution, own_version, bare, installed, extra=name))
+    return list(stale.values())
 
 
 def features_on(distribution: str = "transformers") -> list[str]:
